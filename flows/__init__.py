@@ -1,0 +1,1 @@
+"""The Prefect flow `smpo` and the `smpo` command line."""

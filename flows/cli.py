@@ -1,0 +1,100 @@
+"""The `smpo` command: run the flow, list settings.
+
+    smpo run                         all stages of the tiny profile
+    smpo run train evaluate          those stages (upstream reused, built if missing)
+    smpo run --profile sd15 --set train.beta=5000 --force train
+    smpo settings [--profile P]      every setting, its value and what it means
+"""
+
+from __future__ import annotations
+
+import argparse
+import os
+import sys
+from pathlib import Path
+
+from smpo_core.errors import SmpoError
+from smpo_core.settings import STAGES, Settings, available_profiles, load_settings
+
+
+def _parser() -> argparse.ArgumentParser:
+    parser = argparse.ArgumentParser(prog="smpo", description=__doc__,
+                                     formatter_class=argparse.RawDescriptionHelpFormatter)
+    sub = parser.add_subparsers(dest="command", required=True)
+    run = sub.add_parser("run", help="run pipeline stages (upstream included)")
+    run.add_argument("stages", nargs="*", metavar="STAGE",
+                     help=f"stages to run, default all: {' '.join(STAGES)}")
+    _common(run)
+    run.add_argument("--store", default=None,
+                     help="stage store folder (default $SMPO_STORE or ./smpo-store)")
+    run.add_argument("--force", action="append", default=[], metavar="STAGE",
+                     help="recompute this stage even if its output exists (repeatable)")
+    show = sub.add_parser("settings", help="print the resolved settings of a profile")
+    _common(show)
+    return parser
+
+
+def _common(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--profile", default="tiny",
+                        help=f"profile name ({', '.join(available_profiles())}) or YAML path")
+    parser.add_argument("--set", dest="overrides", action="append", default=[],
+                        metavar="SECTION.KEY=VALUE", help="override one setting (repeatable)")
+
+
+def print_table(rows: list[dict]) -> None:
+    print(f"\n{'stage':<10} {'status':<7} {'key':<18} {'time':>8}")
+    for row in rows:
+        status = "reused" if row["reused"] else "ran"
+        print(f"{row['stage']:<10} {status:<7} {row['key']:<18} {row['seconds']:>7.1f}s")
+
+
+def print_settings(settings: Settings) -> None:
+    for section, field in Settings.model_fields.items():
+        value = getattr(settings, section)
+        if not hasattr(value, "model_fields"):
+            print(f"{section}: {value}")
+            continue
+        for name, info in type(value).model_fields.items():
+            doc = f"  # {info.description}" if info.description else ""
+            print(f"{section}.{name}={getattr(value, name)!r}{doc}")
+
+
+def main(argv: list[str] | None = None) -> int:
+    args = _parser().parse_args(argv)
+    try:
+        settings = load_settings(args.profile, args.overrides)
+        if args.command == "settings":
+            print_settings(settings)
+            return 0
+        from flows.pipeline import default_store, prepare, smpo, with_upstream
+
+        with_upstream(args.stages)
+        for stage in args.force:
+            if stage not in STAGES:
+                raise SmpoError(f"--force {stage!r}: unknown stage; expected one of "
+                                f"{', '.join(STAGES)}")
+        store = args.store or default_store()
+        prepare(settings, store)  # an unreachable MLflow server fails here, before any stage
+        rows = smpo(stages=args.stages or None, profile=args.profile,
+                    overrides=args.overrides, store=store, force=args.force)
+    except SmpoError as exc:
+        print(f"smpo: error: {exc}", file=sys.stderr)
+        return 2
+    print_table(rows)
+    _print_next_steps(Path(store).resolve(), rows)
+    return 0
+
+
+def _print_next_steps(store: Path, rows: list[dict]) -> None:
+    evaluate = next((r for r in rows if r["stage"] == "evaluate"), None)
+    print(f"\nstore: {store}")
+    if evaluate:
+        print(f"report: {Path(evaluate['path']) / 'report.html'}")
+        print(f"image grid: {Path(evaluate['path']) / 'grid.png'}")
+    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store / 'mlflow.db'}"
+    print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  "
+          f"(then open http://127.0.0.1:5000)")
+
+
+if __name__ == "__main__":
+    sys.exit(main())

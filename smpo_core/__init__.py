@@ -1,0 +1,1 @@
+"""smpo's library: the SmPO method, data, models and metrics; no Prefect or MLflow."""

@@ -1,0 +1,157 @@
+"""Base against tuned (METHOD.md §5): same prompts, same seeds, every metric, win rates."""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Sequence
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from diffusers import DDIMScheduler, StableDiffusionPipeline
+from PIL import Image, ImageDraw
+
+from smpo_core.errors import SmpoError
+from smpo_core.rewards import RewardModel
+
+
+def load_prompts(spec: str, num_prompts: int) -> list[str]:
+    """The first `num_prompts` distinct prompts of a prompt set.
+
+    `builtin:tiny` (held-out captions of the synthetic grammar), a .txt file (one per line),
+    a Parquet file or folder with a `caption` column, or `<hub dataset id>@<split>`.
+    """
+    if spec == "builtin:tiny":
+        from smpo_core.synthetic import synthetic_prompts
+
+        return synthetic_prompts(num_prompts, seed=1234)
+    path = Path(spec)
+    if path.suffix == ".txt" and path.is_file():
+        prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
+    elif path.exists():
+        files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
+        prompts = []
+        for file in files:
+            if "caption" not in pq.ParquetFile(file).schema_arrow.names:
+                raise SmpoError(f"evaluate.prompts: {file} has no 'caption' column")
+            prompts += pq.read_table(file, columns=["caption"]).column("caption").to_pylist()
+    elif "@" in spec:
+        prompts = _hub_prompts(spec, num_prompts)
+    else:
+        raise SmpoError(f"evaluate.prompts {spec!r}: expected builtin:tiny, a .txt file, a "
+                        f"Parquet file or folder, or <hub dataset id>@<split>")
+    unique = list(dict.fromkeys(prompts))[:num_prompts]
+    if not unique:
+        raise SmpoError(f"evaluate.prompts {spec!r}: no prompts found")
+    return unique
+
+
+def _hub_prompts(spec: str, num_prompts: int) -> list[str]:
+    import datasets
+
+    dataset_id, split = spec.rsplit("@", 1)
+    try:
+        stream = datasets.load_dataset(dataset_id, split=split, streaming=True)
+        prompts: list[str] = []
+        for row in stream:
+            if row["caption"] not in prompts:
+                prompts.append(row["caption"])
+            if len(prompts) >= num_prompts:
+                break
+    except (ConnectionError, OSError, ValueError) as exc:
+        raise SmpoError(f"evaluate.prompts {spec!r}: could not read the hub dataset ({exc}); "
+                        f"point evaluate.prompts at a local .txt or Parquet file") from exc
+    return prompts
+
+
+def build_pipeline(base: str, device: torch.device, dtype: torch.dtype,
+                   unet=None, revision: str | None = None) -> StableDiffusionPipeline:
+    """The base pipeline, or the base with a tuned UNet swapped in; DDIM sampler."""
+    extra = {"unet": unet} if unet is not None else {}
+    pipe = StableDiffusionPipeline.from_pretrained(
+        base, revision=revision, torch_dtype=dtype, safety_checker=None,
+        requires_safety_checker=False, **extra,
+    )
+    pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
+    pipe.set_progress_bar_config(disable=True)
+    return pipe.to(device)
+
+
+def generate(
+    pipe: StableDiffusionPipeline,
+    prompts: Sequence[str],
+    seed: int,
+    num_inference_steps: int,
+    guidance_scale: float,
+    resolution: int,
+    batch_size: int,
+    on_batch: Callable[[int], None] | None = None,
+) -> list[Image.Image]:
+    """Image i from generator seed `seed + i`: base and tuned see the same initial noise."""
+    images: list[Image.Image] = []
+    for start in range(0, len(prompts), batch_size):
+        chunk = list(prompts[start:start + batch_size])
+        generators = [torch.Generator("cpu").manual_seed(seed + start + i)
+                      for i in range(len(chunk))]
+        out = pipe(chunk, generator=generators, num_inference_steps=num_inference_steps,
+                   guidance_scale=guidance_scale, height=resolution, width=resolution)
+        images += out.images
+        if on_batch:
+            on_batch(len(chunk))
+    return images
+
+
+def score_all(metrics: dict[str, RewardModel], images: Sequence[Image.Image],
+              prompts: Sequence[str], batch_size: int) -> dict[str, np.ndarray]:
+    return {name: model.score(images, prompts, batch_size=batch_size)
+            for name, model in metrics.items()}
+
+
+def win_rate(tuned: np.ndarray, base: np.ndarray) -> float:
+    """Fraction of prompts where tuned beats base; ties count half."""
+    if len(tuned) == 0:
+        return float("nan")
+    return float(np.mean((tuned > base) + 0.5 * (tuned == base)))
+
+
+def summarise(base: dict[str, np.ndarray], tuned: dict[str, np.ndarray]) -> dict[str, dict]:
+    """Per metric: mean and median of both models and the tuned model's win rate."""
+    return {
+        name: {
+            "base_mean": float(np.mean(base[name])),
+            "base_median": float(np.median(base[name])),
+            "tuned_mean": float(np.mean(tuned[name])),
+            "tuned_median": float(np.median(tuned[name])),
+            "win_rate": win_rate(tuned[name], base[name]),
+        }
+        for name in base
+    }
+
+
+def comparison_grid(prompts: Sequence[str], base: Sequence[Image.Image],
+                    tuned: Sequence[Image.Image], cell: int = 128,
+                    max_rows: int = 16) -> Image.Image:
+    """Rows of (prompt, base image, tuned image), images upscaled to `cell` px."""
+    rows = min(len(prompts), max_rows)
+    label_w, pad, header = 3 * cell, 4, 18
+    grid = Image.new("RGB", (label_w + 2 * (cell + pad), header + rows * (cell + pad)), "white")
+    draw = ImageDraw.Draw(grid)
+    draw.text((label_w, 2), "base", fill="black")
+    draw.text((label_w + cell + pad, 2), "tuned", fill="black")
+    for i in range(rows):
+        y = header + i * (cell + pad)
+        draw.multiline_text((4, y + 4), _wrap(prompts[i], 40), fill="black")
+        grid.paste(base[i].resize((cell, cell), Image.NEAREST), (label_w, y))
+        grid.paste(tuned[i].resize((cell, cell), Image.NEAREST), (label_w + cell + pad, y))
+    return grid
+
+
+def _wrap(text: str, width: int) -> str:
+    lines, line = [], ""
+    for word in text.split():
+        if line and len(line) + 1 + len(word) > width:
+            lines.append(line)
+            line = word
+        else:
+            line = f"{line} {word}".strip()
+    return "\n".join([*lines, line])

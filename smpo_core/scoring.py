@@ -1,0 +1,114 @@
+"""The score stage's computation: reward per unique image, then smoothed soft labels per pair."""
+
+from __future__ import annotations
+
+import io
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import pyarrow as pa
+from PIL import Image
+
+from smpo_core.pickapic import iter_pairs
+from smpo_core.rewards import RewardModel
+from smpo_core.smoothing import SmoothingBounds, smoothed_preference, smoothed_weight
+
+LABELS_SCHEMA = pa.schema(
+    [
+        ("pair_id", pa.int64()),
+        ("image_0_uid", pa.string()),
+        ("image_1_uid", pa.string()),
+        ("reward_0", pa.float64()),
+        ("reward_1", pa.float64()),
+        ("p", pa.float64()),  # smoothed P(image 0 preferred)
+        ("weight", pa.float64()),  # w = gamma (2p - 1)
+        ("label_0", pa.float64()),  # the human label: 1.0 image 0 won, 0.0 image 1 won
+    ]
+)
+
+
+def decode_image(data: bytes) -> Image.Image:
+    with Image.open(io.BytesIO(data)) as image:
+        return image.convert("RGB")
+
+
+def score_unique_images(
+    pairs_dir: Path,
+    reward: RewardModel,
+    batch_size: int,
+    on_scored: Callable[[int], None] | None = None,
+) -> dict[str, float]:
+    """Reward of every distinct image uid in the pairs (pairs share images: score each once)."""
+    scores: dict[str, float] = {}
+    queue_uids: list[str] = []
+    queue_images: list[Image.Image] = []
+    queue_captions: list[str] = []
+
+    def drain() -> None:
+        values = reward.score(queue_images, queue_captions, batch_size=batch_size)
+        scores.update(zip(queue_uids, values.tolist(), strict=True))
+        if on_scored:
+            on_scored(len(queue_uids))
+        queue_uids.clear()
+        queue_images.clear()
+        queue_captions.clear()
+
+    columns = ["caption", "image_0_uid", "image_1_uid", "jpg_0", "jpg_1"]
+    queued: set[str] = set()
+    for batch in iter_pairs(pairs_dir, columns=columns):
+        for row in batch.to_pylist():
+            for i in (0, 1):
+                uid = row[f"image_{i}_uid"]
+                if uid in scores or uid in queued:
+                    continue
+                queued.add(uid)
+                queue_uids.append(uid)
+                queue_images.append(decode_image(row[f"jpg_{i}"]))
+                queue_captions.append(row["caption"])
+                if len(queue_uids) == batch_size:
+                    drain()
+    if queue_uids:
+        drain()
+    return scores
+
+
+def pair_rewards(pairs_dir: Path, scores: dict[str, float]) -> pa.Table:
+    """pair_id, uids, human label and the two rewards of every pair."""
+    columns = ["pair_id", "image_0_uid", "image_1_uid", "label_0"]
+    tables = [pa.Table.from_batches([b]) for b in iter_pairs(pairs_dir, columns=columns)]
+    table = pa.concat_tables(tables) if tables else pa.schema(
+        [LABELS_SCHEMA.field(c) for c in columns]).empty_table()
+    for i in (0, 1):
+        uids = table.column(f"image_{i}_uid").to_pylist()
+        table = table.append_column(f"reward_{i}", pa.array([scores[u] for u in uids],
+                                                            pa.float64()))
+    return table
+
+
+def soft_labels(rewards: pa.Table, bounds: SmoothingBounds, gamma: float) -> pa.Table:
+    """Add p and w (METHOD.md §2) to a table of pair rewards; columns in LABELS_SCHEMA order."""
+    r0 = rewards.column("reward_0").to_numpy()
+    r1 = rewards.column("reward_1").to_numpy()
+    p = np.asarray(smoothed_preference(r0, r1, bounds.r_min, bounds.r_max), dtype=np.float64)
+    w = np.asarray(smoothed_weight(p, gamma), dtype=np.float64)
+    columns = {name: rewards.column(name) for name in LABELS_SCHEMA.names if name in
+               rewards.column_names}
+    columns["p"] = pa.array(p)
+    columns["weight"] = pa.array(w)
+    table = pa.table({name: columns[name] for name in LABELS_SCHEMA.names})
+    return table.cast(LABELS_SCHEMA)
+
+
+def label_metadata(table: pa.Table, metadata: dict[str, str]) -> pa.Table:
+    """Attach what produced the labels (reward model, checkpoint hash, bounds, gamma)."""
+    return table.replace_schema_metadata({f"smpo.{k}": str(v) for k, v in metadata.items()})
+
+
+def human_agreement(labels: pa.Table) -> float:
+    """Fraction of pairs where the reward model prefers the human winner."""
+    p = labels.column("p").to_numpy()
+    human = labels.column("label_0").to_numpy()
+    if len(p) == 0:
+        return float("nan")
+    return float(np.mean((p > 0.5) == (human > 0.5)))

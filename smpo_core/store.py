@@ -1,0 +1,105 @@
+"""The content-addressed stage store: `<root>/<stage>/<key>/`, complete once `manifest.json` exists.
+
+A key hashes a stage's result settings, its inputs' keys and its code version, so changing a
+setting reruns that stage and everything downstream, and nothing upstream. Every file is written
+to a temporary name and renamed, so a crash never leaves a file that looks complete.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import shutil
+import tempfile
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+MANIFEST = "manifest.json"
+
+
+def stage_key(
+    stage: str, settings: dict[str, Any], input_keys: dict[str, str], version: str
+) -> str:
+    """A short stable hash of everything that determines a stage's output."""
+    payload = {"stage": stage, "settings": settings, "inputs": input_keys, "version": version}
+    blob = json.dumps(payload, sort_keys=True, default=str).encode()
+    return hashlib.sha256(blob).hexdigest()[:16]
+
+
+@contextmanager
+def atomic_path(target: Path) -> Iterator[Path]:
+    """Yield a temporary sibling path; rename it onto `target` only if the block succeeds."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
+    os.close(fd)
+    tmp_path = Path(tmp)
+    try:
+        yield tmp_path
+        os.replace(tmp_path, target)
+    finally:
+        if tmp_path.exists():
+            tmp_path.unlink()
+
+
+def write_json(target: Path, data: Any) -> None:
+    with atomic_path(target) as tmp:
+        tmp.write_text(json.dumps(data, indent=2, sort_keys=True, default=str) + "\n")
+
+
+@contextmanager
+def atomic_dir(target: Path) -> Iterator[Path]:
+    """Build a directory under a temporary sibling name; rename it onto `target` on success."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        yield tmp
+        if target.exists():
+            shutil.rmtree(target)
+        os.replace(tmp, target)
+    finally:
+        if tmp.exists():
+            shutil.rmtree(tmp, ignore_errors=True)
+
+
+def read_manifest(path: Path) -> dict[str, Any] | None:
+    file = Path(path) / MANIFEST
+    if not file.is_file():
+        return None
+    return json.loads(file.read_text())
+
+
+class Store:
+    """The folder that holds every stage's outputs and the built-in tiny data and models."""
+
+    def __init__(self, root: Path | str):
+        self.root = Path(root).resolve()
+
+    def stage_dir(self, stage: str, key: str) -> Path:
+        return self.root / stage / key
+
+    def builtin_dir(self, name: str) -> Path:
+        return self.root / "builtin" / name
+
+    def is_complete(self, stage: str, key: str) -> bool:
+        return (self.stage_dir(stage, key) / MANIFEST).is_file()
+
+    def clear(self, stage: str, key: str) -> None:
+        """Forget a stage output (for --force): the manifest goes first, so a crash mid-way
+        leaves an incomplete folder, never a complete-looking partial one."""
+        path = self.stage_dir(stage, key)
+        (path / MANIFEST).unlink(missing_ok=True)
+        shutil.rmtree(path, ignore_errors=True)
+
+    def complete(self, stage: str, key: str, manifest: dict[str, Any]) -> dict[str, Any]:
+        """Mark a stage output complete by writing its manifest, last and atomically."""
+        write_json(self.stage_dir(stage, key) / MANIFEST, manifest)
+        return manifest
+
+
+def folder_size(path: Path) -> int:
+    return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

@@ -1,0 +1,208 @@
+"""The trajectory cache: ReNoise-inverted latents of every pair, written once, read by training.
+
+Layout of a cache folder:
+  cache.json               what the latents were computed with (model, resolution, levels, ...)
+  shard-NNNNN.safetensors  z0 (N, 2, C, H, W), z (N, 2, K, C, H, W), text (N, L, D); fp16
+  index-NNNNN.parquet      pair_id, shard, row of each pair in that shard; written after the shard,
+                           so a shard counts as complete once its index exists (resume point)
+  empty_text.safetensors   the empty caption's embedding (for caption dropout in training)
+"""
+
+from __future__ import annotations
+
+import json
+from collections.abc import Callable, Iterator, Sequence
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+import torch
+from safetensors import safe_open
+from safetensors.torch import save_file
+
+from smpo_core.errors import SmpoError
+from smpo_core.inversion import renoise_invert
+from smpo_core.models import (
+    DiffusionModel,
+    encode_captions,
+    encode_images,
+    jpeg_to_pixels,
+    noise_predictor,
+)
+from smpo_core.store import atomic_path, write_json
+
+CACHE_DTYPE = torch.float16
+# Settings a cache must share with the training run that reads it.
+COMPATIBILITY_KEYS = ("base_model", "resolution", "levels")
+
+
+def expected_bytes(pairs: int, latent_shape: Sequence[int], levels: int,
+                   text_shape: Sequence[int]) -> int:
+    """Size of the cache in fp16: x_0 plus K levels for both images, and the caption embedding."""
+    latent = 2 * int(torch.tensor(latent_shape).prod())
+    text = 2 * int(torch.tensor(text_shape).prod())
+    return pairs * (2 * (1 + levels) * latent + text)
+
+
+@dataclass
+class InvertedBatch:
+    z0: torch.Tensor  # (B, 2, C, H, W)
+    z: torch.Tensor  # (B, 2, K, C, H, W)
+    text: torch.Tensor  # (B, L, D)
+
+
+def invert_pair_batch(
+    model: DiffusionModel,
+    rows: list[dict[str, Any]],
+    levels: Sequence[int],
+    resolution: int,
+    renoise_steps: int,
+    average: str,
+    seed: int = 0,
+) -> InvertedBatch:
+    """VAE-encode both images of each pair, encode its caption, ReNoise-invert with the UNet.
+
+    The VAE posterior sample of image i of a pair is seeded by (seed, pair_id, i).
+    """
+    pixels = torch.stack([jpeg_to_pixels(row[f"jpg_{i}"], resolution)
+                          for row in rows for i in (0, 1)])
+    seeds = [(seed * 1_000_003 + 2 * row["pair_id"] + i) % 2**63 for row in rows for i in (0, 1)]
+    z0 = encode_images(model, pixels, seeds)  # (2B, C, H, W), pair-major
+    text = encode_captions(model, [row["caption"] for row in rows])
+    eps_fn = noise_predictor(model, model.unet, text.repeat_interleave(2, dim=0))
+    with torch.no_grad():
+        z = renoise_invert(eps_fn, z0, list(levels), model.alphas_cumprod.to(z0.device),
+                           renoise_steps=renoise_steps, average=average)  # (K, 2B, C, H, W)
+    batch = len(rows)
+    z = z.movedim(0, 1).reshape(batch, 2, len(levels), *z0.shape[1:])
+    return InvertedBatch(z0.reshape(batch, 2, *z0.shape[1:]), z, text)
+
+
+def complete_shards(folder: Path) -> int:
+    return len(list(Path(folder).glob("index-*.parquet")))
+
+
+def write_shard(folder: Path, shard: int, pair_ids: list[int], batches: list[InvertedBatch]) -> int:
+    """Write one shard and then its index; returns the bytes written."""
+    tensors = {
+        name: torch.cat([getattr(b, name) for b in batches]).to(CACHE_DTYPE).contiguous().cpu()
+        for name in ("z0", "z", "text")
+    }
+    target = folder / f"shard-{shard:05d}.safetensors"
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp))
+    index = pa.table({
+        "pair_id": pa.array(pair_ids, pa.int64()),
+        "shard": pa.array([shard] * len(pair_ids), pa.int32()),
+        "row": pa.array(range(len(pair_ids)), pa.int32()),
+    })
+    with atomic_path(folder / f"index-{shard:05d}.parquet") as tmp:
+        pq.write_table(index, tmp)
+    return target.stat().st_size
+
+
+def write_cache_meta(folder: Path, meta: dict[str, Any], empty_text: torch.Tensor) -> None:
+    with atomic_path(folder / "empty_text.safetensors") as tmp:
+        save_file({"text": empty_text.to(CACHE_DTYPE).contiguous().cpu()}, str(tmp))
+    write_json(folder / "cache.json", meta)
+
+
+def build_cache(
+    folder: Path,
+    pair_rows: Iterator[dict[str, Any]],
+    invert: Callable[[list[dict[str, Any]]], InvertedBatch],
+    batch_size: int,
+    shard_pairs: int,
+    on_shard: Callable[[int, int], None] | None = None,
+) -> dict[str, int]:
+    """Invert pairs shard by shard; shards already complete are skipped (resume after a crash)."""
+    done = complete_shards(folder)
+    skip = done * shard_pairs
+    shard, pairs, written = done, 0, 0
+    ids: list[int] = []
+    rows: list[dict[str, Any]] = []
+    pending: list[InvertedBatch] = []
+
+    def flush_batch() -> None:
+        if rows:
+            pending.append(invert(rows))
+            rows.clear()
+
+    def flush_shard() -> None:
+        nonlocal shard, written
+        flush_batch()
+        written += write_shard(folder, shard, ids, pending)
+        if on_shard:
+            on_shard(shard, pairs)
+        shard += 1
+        ids.clear()
+        pending.clear()
+
+    for position, row in enumerate(pair_rows):
+        pairs = position + 1
+        if position < skip:
+            continue
+        ids.append(row["pair_id"])
+        rows.append(row)
+        if len(rows) == batch_size:
+            flush_batch()
+        if len(ids) == shard_pairs:
+            flush_shard()
+    if ids:
+        flush_shard()
+    return {"pairs": pairs, "shards": shard, "resumed_shards": done, "bytes_written": written}
+
+
+class TrajectoryCache:
+    """Read side: memory-mapped shards, rows fetched by pair position."""
+
+    def __init__(self, folder: Path):
+        self.folder = Path(folder)
+        meta_file = self.folder / "cache.json"
+        if not meta_file.is_file():
+            raise SmpoError(f"trajectory cache {str(self.folder)!r}: cache.json missing; "
+                            f"expected a folder written by the invert stage")
+        self.meta = json.loads(meta_file.read_text())
+        files = sorted(self.folder.glob("index-*.parquet"))
+        self.index = pa.concat_tables([pq.read_table(f) for f in files]) if files else None
+        self.pair_ids = self.index.column("pair_id").to_pylist() if self.index else []
+        self._shards = self.index.column("shard").to_pylist() if self.index else []
+        self._rows = self.index.column("row").to_pylist() if self.index else []
+        self._handles: dict[int, Any] = {}
+        with safe_open(str(self.folder / "empty_text.safetensors"), "pt") as handle:
+            self.empty_text = handle.get_tensor("text")
+
+    def __len__(self) -> int:
+        return len(self.pair_ids)
+
+    @property
+    def levels(self) -> list[int]:
+        return list(self.meta["levels"])
+
+    def check_compatible(self, expected: dict[str, Any]) -> None:
+        """Refuse a cache computed with another model, resolution or level set."""
+        for key in COMPATIBILITY_KEYS:
+            if key in expected and self.meta.get(key) != expected[key]:
+                raise SmpoError(
+                    f"trajectory cache {str(self.folder)!r} was built with {key}="
+                    f"{self.meta.get(key)!r} but training expects {expected[key]!r}; rerun the "
+                    f"invert stage with the training settings"
+                )
+
+    def _shard(self, shard: int) -> Any:
+        if shard not in self._handles:
+            path = self.folder / f"shard-{shard:05d}.safetensors"
+            self._handles[shard] = safe_open(str(path), "pt")
+        return self._handles[shard]
+
+    def get(self, positions: Sequence[int]) -> dict[str, torch.Tensor]:
+        """z0 (B,2,C,H,W), z (B,2,K,C,H,W), text (B,L,D) for the pairs at these positions."""
+        out: dict[str, list[torch.Tensor]] = {"z0": [], "z": [], "text": []}
+        for position in positions:
+            handle = self._shard(self._shards[position])
+            row = self._rows[position]
+            for name in out:
+                out[name].append(handle.get_slice(name)[row:row + 1])
+        return {name: torch.cat(parts) for name, parts in out.items()}

@@ -1,0 +1,208 @@
+"""What every stage does around its computation: key, reuse, MLflow child run, manifest,
+Prefect progress and summary artifacts. Stage modules supply only the computation."""
+
+from __future__ import annotations
+
+import logging
+import sys
+import time
+from collections.abc import Callable
+from dataclasses import asdict, dataclass, field
+from pathlib import Path
+from typing import Any
+
+from mlflow.tracking import MlflowClient
+from tqdm import tqdm
+
+from smpo_core import builtin
+from smpo_core.settings import Settings
+from smpo_core.store import MANIFEST, Store, read_manifest, stage_key
+from stages import tracking
+
+# Which settings sections each stage's output depends on, besides its own.
+SHARED_SECTIONS = {"invert": ("model",), "train": ("model",), "evaluate": ("model",)}
+
+
+@dataclass
+class RunContext:
+    """Everything a stage task needs; small and picklable, passed by Prefect to each task."""
+
+    settings: Settings
+    store_root: str
+    tracking_uri: str
+    experiment_id: str
+    parent_run_id: str | None = None
+
+    @property
+    def store(self) -> Store:
+        return Store(self.store_root)
+
+    def resolve(self, ref: str | None) -> str | None:
+        """A setting that may name a builtin tiny model or dataset, as a usable path or id."""
+        return builtin.resolve(ref, self.store.root)
+
+
+@dataclass
+class StageResult:
+    stage: str
+    key: str
+    path: str
+    reused: bool
+    seconds: float
+    summary: dict[str, Any] = field(default_factory=dict)
+
+    def as_dict(self) -> dict[str, Any]:
+        return asdict(self)
+
+
+def logger() -> logging.Logger | logging.LoggerAdapter:
+    """Prefect's run logger inside a flow or task, a plain logger elsewhere (tests, scripts)."""
+    try:
+        from prefect import get_run_logger
+
+        return get_run_logger()
+    except Exception:  # no active Prefect run context
+        return logging.getLogger("smpo")
+
+
+class Progress:
+    """A terminal progress bar plus a Prefect progress artifact, updated at most every 2 s."""
+
+    def __init__(self, stage: str, total: int, unit: str):
+        self.stage, self.total, self.done = stage, max(total, 1), 0
+        self.bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, leave=False,
+                        dynamic_ncols=True)
+        self._artifact = _progress_artifact(stage)
+        self._last = 0.0
+
+    def update(self, amount: int = 1) -> None:
+        self.done += amount
+        self.bar.update(amount)
+        now = time.monotonic()
+        if now - self._last >= 2.0 or self.done >= self.total:
+            self._last = now
+            percent = min(100.0, 100.0 * self.done / self.total)
+            if self._artifact:
+                _update_progress(self._artifact, percent)
+            logger().info("%s: %d/%d (%.0f%%)", self.stage, self.done, self.total, percent)
+
+    def close(self) -> None:
+        self.bar.close()
+
+
+def _progress_artifact(stage: str):
+    try:
+        from prefect.artifacts import create_progress_artifact
+
+        return create_progress_artifact(progress=0.0, description=f"{stage} progress")
+    except Exception:  # outside a Prefect run there is nowhere to show it
+        return None
+
+
+def _update_progress(artifact_id, percent: float) -> None:
+    try:
+        from prefect.artifacts import update_progress_artifact
+
+        update_progress_artifact(artifact_id, percent)
+    except Exception as exc:  # progress display must never fail a stage
+        logging.getLogger("smpo").debug("progress artifact update failed: %s", exc)
+
+
+@dataclass
+class StageRun:
+    """Handed to a stage's computation: where to write, its settings, inputs and tracker."""
+
+    ctx: RunContext
+    stage: str
+    out_dir: Path
+    inputs: dict[str, StageResult]
+    tracker: tracking.Tracker
+    artifacts: list[Path] = field(default_factory=list)
+
+    @property
+    def settings(self) -> Settings:
+        return self.ctx.settings
+
+    def input_dir(self, stage: str) -> Path:
+        return Path(self.inputs[stage].path)
+
+    def progress(self, total: int, unit: str = "it") -> Progress:
+        return Progress(self.stage, total, unit)
+
+    def log(self, message: str, *args: Any) -> None:
+        logger().info(f"{self.stage}: {message}", *args)
+
+
+def settings_for_key(settings: Settings, stage: str) -> dict[str, Any]:
+    sections = (stage, *SHARED_SECTIONS.get(stage, ()))
+    return {name: getattr(settings, name).result_settings() for name in sections}
+
+
+def stage_key_for(ctx: RunContext, stage: str, version: str,
+                  inputs: dict[str, StageResult]) -> str:
+    return stage_key(stage, settings_for_key(ctx.settings, stage),
+                     {name: result.key for name, result in inputs.items()}, version)
+
+
+def run_stage(
+    ctx: RunContext,
+    stage: str,
+    version: str,
+    inputs: dict[str, StageResult],
+    compute: Callable[[StageRun], dict[str, Any]],
+    force: bool = False,
+) -> StageResult:
+    """Reuse the stage's output if its manifest exists, else compute it; track either way."""
+    started = time.perf_counter()
+    key = stage_key_for(ctx, stage, version, inputs)
+    store = ctx.store
+    out_dir = store.stage_dir(stage, key)
+    if force:
+        store.clear(stage, key)
+    reused = store.is_complete(stage, key)
+    client = MlflowClient(ctx.tracking_uri)
+    tags = {"smpo.stage": stage, "smpo.key": key, "smpo.reused": str(reused).lower(),
+            "smpo.output": str(out_dir), "smpo.profile": ctx.settings.profile}
+    with tracking.run(client, ctx.experiment_id, stage, tags, ctx.parent_run_id) as tracker:
+        tracker.params(settings_for_key(ctx.settings, stage)
+                       | {stage: getattr(ctx.settings, stage).model_dump()})
+        if reused:
+            logger().info("%s: reusing %s", stage, out_dir)
+            manifest = read_manifest(out_dir)
+        else:
+            out_dir.mkdir(parents=True, exist_ok=True)
+            run = StageRun(ctx, stage, out_dir, inputs, tracker)
+            compute_started = time.perf_counter()
+            manifest = compute(run)
+            manifest |= {
+                "stage": stage, "key": key, "version": version,
+                "inputs": {name: result.key for name, result in inputs.items()},
+                "settings": settings_for_key(ctx.settings, stage),
+                "seconds": round(time.perf_counter() - compute_started, 3),
+                "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
+            }
+            store.complete(stage, key, manifest)
+            for path in run.artifacts:
+                tracker.artifact(path)
+        tracker.metrics({f"manifest.{k}": v for k, v in tracking.flatten(
+            {k: v for k, v in manifest.items() if k != "settings"}).items()})
+        tracker.artifact(out_dir / MANIFEST)
+    result = StageResult(stage, key, str(out_dir), reused, time.perf_counter() - started,
+                         {k: v for k, v in manifest.items() if k not in ("settings", "inputs")})
+    _summary_artifact(result)
+    return result
+
+
+def _summary_artifact(result: StageResult) -> None:
+    """A markdown table of the manifest in the Prefect UI."""
+    try:
+        from prefect.artifacts import create_markdown_artifact
+
+        lines = [f"### {result.stage} ({'reused' if result.reused else 'ran'})",
+                 f"`{result.path}`", "", "| field | value |", "|---|---|"]
+        for name, value in tracking.flatten(result.summary).items():
+            lines.append(f"| {name} | {value} |")
+        create_markdown_artifact("\n".join(lines), key=f"{result.stage}-summary",
+                                 description=f"{result.stage} manifest")
+    except Exception as exc:  # outside a Prefect run there is nowhere to show it
+        logging.getLogger("smpo").debug("summary artifact skipped: %s", exc)

@@ -1,0 +1,97 @@
+"""evaluate: base and tuned model generate from the same prompts and seeds; every metric scores
+both; per-prompt scores, summary with win rates, image grid and an HTML report."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Any
+
+import pyarrow as pa
+import pyarrow.parquet as pq
+from diffusers import UNet2DConditionModel
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from smpo_core.evaluation import (
+    build_pipeline,
+    comparison_grid,
+    generate,
+    load_prompts,
+    score_all,
+    summarise,
+)
+from smpo_core.models import resolve_device, resolve_dtype
+from smpo_core.report import evaluation_report, win_rate_bars
+from smpo_core.rewards import load_reward_model
+from smpo_core.store import atomic_path, write_json
+from stages.common import RunContext, StageResult, StageRun, run_stage
+
+VERSION = "1"
+
+
+def compute(run: StageRun) -> dict[str, Any]:
+    cfg, model_cfg = run.settings.evaluate, run.settings.model
+    device = resolve_device(model_cfg.device)
+    dtype = resolve_dtype(model_cfg.dtype, device)
+    metrics = {
+        kind: load_reward_model(kind, run.ctx.resolve(ckpt), device,
+                                run.ctx.resolve(cfg.metric_processors.get(kind)))
+        for kind, ckpt in cfg.metrics.items()
+    }
+    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
+    base_ref = run.ctx.resolve(model_cfg.base)
+    pipe = build_pipeline(base_ref, device, dtype, revision=model_cfg.revision)
+    progress = run.progress(total=2 * len(prompts), unit="images")
+    sample = dict(seed=cfg.seed, num_inference_steps=cfg.num_inference_steps,
+                  guidance_scale=cfg.guidance_scale, resolution=model_cfg.resolution,
+                  batch_size=cfg.batch_size, on_batch=progress.update)
+    images = {"base": generate(pipe, prompts, **sample)}
+    pipe.unet = UNet2DConditionModel.from_pretrained(
+        Path(run.input_dir("train")) / "unet").to(device, dtype)
+    images["tuned"] = generate(pipe, prompts, **sample)
+    progress.close()
+    scores = {name: score_all(metrics, images[name], prompts, batch_size=cfg.batch_size)
+              for name in images}
+    summary = summarise(scores["base"], scores["tuned"])
+    record = {"sampler": "DDIM (eta 0)", "steps": cfg.num_inference_steps,
+              "guidance_scale": cfg.guidance_scale, "resolution": model_cfg.resolution,
+              "seeds": f"{cfg.seed}..{cfg.seed + len(prompts) - 1}", "prompts": cfg.prompts,
+              "num_prompts": len(prompts), "base_model": model_cfg.base,
+              "tuned_unet": str(Path(run.input_dir("train")) / "unet")}
+    _write_outputs(run, prompts, images, scores, summary, record)
+    run.tracker.metrics({f"eval.{metric}.{k}": v for metric, s in summary.items()
+                         for k, v in s.items()})
+    return {"prompts": len(prompts), "summary": summary, "generation": record}
+
+
+def _write_outputs(run: StageRun, prompts: list[str], images: dict, scores: dict,
+                   summary: dict, record: dict) -> None:
+    out = run.out_dir
+    for name, pictures in images.items():
+        folder = out / "images" / name
+        folder.mkdir(parents=True, exist_ok=True)
+        for i, picture in enumerate(pictures):
+            with atomic_path(folder / f"{i:04d}.png") as tmp:
+                picture.save(tmp, format="PNG")
+    columns: dict[str, Any] = {"prompt_index": list(range(len(prompts))), "prompt": prompts,
+                               "seed": [run.settings.evaluate.seed + i
+                                        for i in range(len(prompts))]}
+    for metric in summary:
+        columns[f"{metric}_base"] = scores["base"][metric]
+        columns[f"{metric}_tuned"] = scores["tuned"][metric]
+    with atomic_path(out / "scores.parquet") as tmp:
+        pq.write_table(pa.table(columns), tmp)
+    write_json(out / "summary.json", {"metrics": summary, "generation": record})
+    grid = comparison_grid(prompts, images["base"], images["tuned"])
+    with atomic_path(out / "grid.png") as tmp:
+        grid.save(tmp, format="PNG")
+    bars = win_rate_bars(out / "win_rates.png", summary)
+    evaluation_report(out / "report.html", summary, record,
+                      {"Win rates": bars, "Base vs tuned (same seed per row)": out / "grid.png"})
+    run.artifacts += [out / "summary.json", out / "scores.parquet", out / "grid.png", bars,
+                      out / "report.html"]
+
+
+@task(name="evaluate", cache_policy=NO_CACHE)
+def evaluate_stage(ctx: RunContext, train: StageResult, force: bool = False) -> StageResult:
+    return run_stage(ctx, "evaluate", VERSION, {"train": train}, compute, force)

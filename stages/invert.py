@@ -1,0 +1,71 @@
+"""invert: ReNoise-inverted latent trajectories of every pair, cached for training."""
+
+from __future__ import annotations
+
+import itertools
+from typing import Any
+
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from smpo_core.inversion import inversion_levels
+from smpo_core.models import (
+    encode_captions,
+    load_diffusion,
+    resolve_device,
+    resolve_dtype,
+)
+from smpo_core.pickapic import iter_pairs
+from smpo_core.trajectories import build_cache, expected_bytes, invert_pair_batch, write_cache_meta
+from stages.common import RunContext, StageResult, StageRun, run_stage
+
+VERSION = "1"
+
+
+def compute(run: StageRun) -> dict[str, Any]:
+    cfg, model_cfg = run.settings.invert, run.settings.model
+    device = resolve_device(model_cfg.device)
+    base = run.ctx.resolve(model_cfg.base)
+    model = load_diffusion(base, device, resolve_dtype(model_cfg.dtype, device),
+                           model_cfg.revision)
+    levels = inversion_levels(cfg.num_levels, model.scheduler.config.num_train_timesteps)
+    pairs = run.inputs["download"].summary["pairs"]
+    if cfg.max_pairs:
+        pairs = min(pairs, cfg.max_pairs)
+    empty_text = encode_captions(model, [""])
+    side = model_cfg.resolution // model.latent_factor
+    latent_shape = (model.unet.config.in_channels, side, side)
+    size = expected_bytes(pairs, latent_shape, len(levels), empty_text.shape[1:])
+    run.log("caching %d pairs x %d levels at %s: %.1f MiB expected (fp16)", pairs, len(levels),
+            "x".join(map(str, latent_shape)), size / 2**20)
+    run.tracker.metrics({"expected_bytes": size, "pairs": pairs})
+    write_cache_meta(run.out_dir, {
+        "base_model": model_cfg.base, "revision": model_cfg.revision,
+        "resolution": model_cfg.resolution, "levels": levels,
+        "renoise_steps": cfg.renoise_steps, "average": cfg.average,
+        "latent_shape": list(latent_shape), "dtype": "float16", "pairs": pairs,
+    }, empty_text)
+
+    progress = run.progress(total=pairs, unit="pairs")
+
+    def invert(rows):
+        batch = invert_pair_batch(model, rows, levels, model_cfg.resolution, cfg.renoise_steps,
+                                  cfg.average, cfg.seed)
+        progress.update(len(rows))
+        return batch
+
+    rows = itertools.islice((row for batch in iter_pairs(run.input_dir("download"),
+                                                         columns=["pair_id", "caption", "jpg_0",
+                                                                  "jpg_1"])
+                             for row in batch.to_pylist()), pairs)
+    stats = build_cache(run.out_dir, rows, invert, cfg.batch_size, cfg.shard_pairs)
+    progress.close()
+    return {"pairs": stats["pairs"], "shards": stats["shards"],
+            "resumed_shards": stats["resumed_shards"], "levels": levels,
+            "expected_bytes": size, "bytes": stats["bytes_written"],
+            "unet_forwards_per_image": len(levels) * (1 + cfg.renoise_steps)}
+
+
+@task(name="invert", cache_policy=NO_CACHE)
+def invert_stage(ctx: RunContext, download: StageResult, force: bool = False) -> StageResult:
+    return run_stage(ctx, "invert", VERSION, {"download": download}, compute, force)

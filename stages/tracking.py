@@ -1,0 +1,119 @@
+"""MLflow: one parent run per flow run, one nested child run per stage.
+
+Runs are created with `MlflowClient` and explicit ids rather than the fluent API, because the
+fluent active-run stack is per thread and Prefect runs tasks in worker threads.
+"""
+
+from __future__ import annotations
+
+import os
+import socket
+import time
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+from urllib.parse import urlparse
+
+from mlflow.entities import Metric, Param, RunTag
+from mlflow.tracking import MlflowClient
+
+from smpo_core.errors import SmpoError
+
+EXPERIMENT = os.environ.get("SMPO_EXPERIMENT", "smpo")
+
+
+def tracking_uri(store_root: Path) -> str:
+    """`MLFLOW_TRACKING_URI` if set, else a SQLite database in the store."""
+    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(store_root) / 'mlflow.db'}"
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fail before any stage runs when an MLflow server is configured but not answering."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return
+    except OSError as exc:
+        raise SmpoError(
+            f"MLFLOW_TRACKING_URI {uri!r}: no MLflow server answers there ({exc.strerror or exc}); "
+            f"start it (make serve) or unset MLFLOW_TRACKING_URI to track into the store"
+        ) from None
+
+
+class Tracker:
+    """Logging into one MLflow run; every call names the run id explicitly."""
+
+    def __init__(self, client: MlflowClient, run_id: str):
+        self.client, self.run_id = client, run_id
+
+    def params(self, params: dict[str, Any]) -> None:
+        items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
+        for start in range(0, len(items), 100):
+            self.client.log_batch(self.run_id, params=items[start:start + 100])
+
+    def metrics(self, values: dict[str, float], step: int = 0) -> None:
+        now = int(time.time() * 1000)
+        items = [Metric(k, float(v), now, step) for k, v in values.items()
+                 if isinstance(v, int | float) and not isinstance(v, bool)]
+        if items:
+            self.client.log_batch(self.run_id, metrics=items)
+
+    def tags(self, tags: dict[str, Any]) -> None:
+        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+
+    def artifact(self, path: Path, folder: str | None = None) -> None:
+        path = Path(path)
+        if path.is_dir():
+            self.client.log_artifacts(self.run_id, str(path), folder)
+        elif path.is_file():
+            self.client.log_artifact(self.run_id, str(path), folder)
+
+
+def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
+    out: dict[str, Any] = {}
+    for key, value in data.items():
+        name = f"{prefix}{key}"
+        if isinstance(value, dict) and value:
+            out.update(flatten(value, f"{name}."))
+        else:
+            out[name] = value
+    return out
+
+
+def experiment_id(client: MlflowClient, uri: str, store_root: Path) -> str:
+    """The experiment's id, created on first use."""
+    found = client.get_experiment_by_name(EXPERIMENT)
+    if found:
+        return found.experiment_id
+    artifacts = (Path(store_root) / "mlflow-artifacts").as_uri()
+    # A remote server decides where artifacts live; a local store keeps them beside the data.
+    location = None if uri.startswith(("http://", "https://")) else artifacts
+    try:
+        return client.create_experiment(EXPERIMENT, artifact_location=location)
+    except Exception:  # created concurrently by another process: read it back
+        found = client.get_experiment_by_name(EXPERIMENT)
+        if not found:
+            raise
+        return found.experiment_id
+
+
+@contextmanager
+def run(client: MlflowClient, experiment: str, name: str, tags: dict[str, Any],
+        parent_id: str | None = None):
+    """An MLflow run closed FINISHED, or FAILED with the error message as a tag."""
+    all_tags = {"mlflow.runName": name, **tags}
+    if parent_id:
+        all_tags["mlflow.parentRunId"] = parent_id
+    created = client.create_run(experiment, tags={k: str(v) for k, v in all_tags.items()},
+                                run_name=name)
+    tracker = Tracker(client, created.info.run_id)
+    try:
+        yield tracker
+    except BaseException as exc:
+        tracker.tags({"smpo.error": f"{type(exc).__name__}: {exc}"[:5000]})
+        client.set_terminated(created.info.run_id, "FAILED")
+        raise
+    client.set_terminated(created.info.run_id, "FINISHED")

@@ -1,0 +1,153 @@
+"""train: SmPO fine-tuning of the UNet from the cached trajectories and the soft labels."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Any
+
+import numpy as np
+import pyarrow.parquet as pq
+import torch
+from accelerate import Accelerator
+from diffusers import DDIMScheduler, UNet2DConditionModel
+from prefect import task
+from prefect.cache_policies import NO_CACHE
+
+from smpo_core.errors import SmpoError
+from smpo_core.inversion import inversion_levels
+from smpo_core.losses import human_weight
+from smpo_core.models import resolve_device, resolve_dtype
+from smpo_core.report import training_curves
+from smpo_core.store import atomic_dir, atomic_path
+from smpo_core.training import (
+    CachedPairs,
+    LoopConfig,
+    StepConfig,
+    make_optimizer,
+    train_loop,
+    warmup_constant,
+)
+from smpo_core.trajectories import TrajectoryCache
+from stages.common import RunContext, StageResult, StageRun, run_stage
+from stages.score import LABELS
+
+VERSION = "1"
+STATE = "train_state.pt"
+
+
+def preference_targets(labels_file: Path, pair_ids: list[int], labels: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cached pair: the preference weight (smoothed w or human ±1) and the human winner."""
+    table = pq.read_table(labels_file, columns=["pair_id", "weight", "label_0"]).to_pandas()
+    table = table.set_index("pair_id")
+    missing = [p for p in pair_ids if p not in table.index]
+    if missing:
+        raise SmpoError(f"{labels_file}: no labels for {len(missing)} cached pairs "
+                        f"(e.g. pair {missing[0]}); rerun score and invert on the same download")
+    rows = table.loc[pair_ids]
+    label_0 = rows["label_0"].to_numpy(np.float64)
+    smoothed = torch.tensor(rows["weight"].to_numpy(np.float64), dtype=torch.float32)
+    weight = human_weight(label_0) if labels == "human" else smoothed
+    winner = torch.tensor((label_0 < 0.5).astype(np.int64))
+    return weight, winner
+
+
+def compute(run: StageRun) -> dict[str, Any]:
+    cfg, model_cfg = run.settings.train, run.settings.model
+    device = resolve_device(model_cfg.device)
+    base = run.ctx.resolve(model_cfg.base)
+    cache = TrajectoryCache(run.input_dir("invert"))
+    levels = inversion_levels(run.settings.invert.num_levels)
+    cache.check_compatible({"base_model": model_cfg.base, "resolution": model_cfg.resolution,
+                            "levels": levels})
+    weight, winner = preference_targets(run.input_dir("score") / LABELS, cache.pair_ids,
+                                        cfg.labels)
+    policy = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
+                                                  revision=model_cfg.revision).to(device)
+    if cfg.gradient_checkpointing:
+        policy.enable_gradient_checkpointing()
+    policy.train()
+    reference = None
+    if cfg.method == "preference":
+        reference = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
+                                                         revision=model_cfg.revision)
+        reference.requires_grad_(False).eval().to(device, resolve_dtype(model_cfg.dtype, device))
+    alphas_cumprod = DDIMScheduler.from_pretrained(
+        base, subfolder="scheduler", revision=model_cfg.revision).alphas_cumprod.float()
+
+    accelerator = Accelerator(
+        mixed_precision=cfg.mixed_precision if device.type == "cuda" else "no",
+        gradient_accumulation_steps=cfg.grad_accum, cpu=device.type == "cpu",
+    )
+    optimizer = make_optimizer(cfg.optimizer, policy.parameters(), cfg.learning_rate,
+                               cfg.weight_decay)
+    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
+    policy, optimizer, schedule = accelerator.prepare(policy, optimizer, schedule)
+
+    state_file = run.out_dir / STATE
+    start_step, history = 0, []
+    if state_file.is_file():
+        state = torch.load(state_file, map_location=device, weights_only=False)
+        accelerator.unwrap_model(policy).load_state_dict(state["policy"])
+        optimizer.load_state_dict(state["optimizer"])
+        schedule.load_state_dict(state["schedule"])
+        start_step, history = state["step"], state["history"]
+        run.log("resuming from step %d", start_step)
+
+    data = CachedPairs(cache, weight, winner, cfg.batch_size, cfg.seed, cfg.empty_caption_prob,
+                       load_levels=cfg.trajectory == "inversion"
+                       and cfg.trajectory_source == "cache", device=device)
+    step_cfg = StepConfig(cfg.method, cfg.trajectory, cfg.trajectory_source,
+                          cfg.timestep_sampling, cfg.beta, levels,
+                          run.settings.invert.renoise_steps, run.settings.invert.average)
+    loop = LoopConfig(cfg.max_steps, cfg.grad_accum, cfg.max_grad_norm, cfg.checkpoint_every,
+                      cfg.log_every)
+    progress = run.progress(total=cfg.max_steps, unit="steps")
+    progress.update(start_step)
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        history.append({"step": step, **metrics})
+        run.tracker.metrics({f"train.{k}": v for k, v in metrics.items()}, step=step)
+        progress.update(step - progress.done)
+
+    def on_checkpoint(step: int) -> None:
+        with atomic_path(state_file) as tmp:
+            torch.save({"policy": accelerator.unwrap_model(policy).state_dict(),
+                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
+                        "step": step, "history": history}, tmp)
+
+    last = train_loop(policy, reference, data, alphas_cumprod, step_cfg, loop, optimizer,
+                      schedule, accelerator, start_step, on_metrics, on_checkpoint)
+    progress.close()
+    with atomic_dir(run.out_dir / "unet") as tmp:
+        accelerator.unwrap_model(policy).save_pretrained(tmp)
+    _write_history(run, history)
+    first = history[0] if history else {}
+    return {
+        "steps": cfg.max_steps, "resumed_from_step": start_step, "cached_pairs": len(cache),
+        "pairs_seen": cfg.max_steps * cfg.grad_accum * cfg.batch_size,
+        "first_loss": first.get("loss"), "final_loss": last.get("loss", first.get("loss")),
+        "final_implicit_accuracy": last.get("implicit_accuracy"),
+        "mean_step_seconds": float(np.mean([h["step_seconds"] for h in history]))
+        if history else None,
+        "method": cfg.method, "labels": cfg.labels, "trajectory": cfg.trajectory,
+        "unet": str(run.out_dir / "unet"),
+    }
+
+
+def _write_history(run: StageRun, history: list[dict[str, float]]) -> None:
+    with atomic_path(run.out_dir / "history.json") as tmp:
+        tmp.write_text(json.dumps(history, indent=1))
+    if history:
+        keys = [k for k in history[0] if k != "step"]
+        run.artifacts.append(training_curves(run.out_dir / "training.png",
+                                             {k: [h.get(k, np.nan) for h in history]
+                                              for k in keys}))
+    run.artifacts.append(run.out_dir / "history.json")
+
+
+@task(name="train", cache_policy=NO_CACHE)
+def train_stage(ctx: RunContext, invert: StageResult, score: StageResult,
+                force: bool = False) -> StageResult:
+    return run_stage(ctx, "train", VERSION, {"invert": invert, "score": score}, compute, force)
