@@ -1,0 +1,188 @@
+"""The whole flow on the tiny profile, for real: outputs, reuse, selective reruns, tracking."""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+import numpy as np
+import pyarrow.parquet as pq
+import pytest
+import torch
+from mlflow.tracking import MlflowClient
+from PIL import Image
+from safetensors import safe_open
+
+from smpo_core.settings import STAGES
+
+pytestmark = pytest.mark.integration
+
+
+@pytest.fixture(scope="module")
+def runs(tmp_path_factory):
+    """Three flow runs into one store: fresh, unchanged, and with train.beta changed."""
+    from prefect.testing.utilities import prefect_test_harness
+
+    from flows.pipeline import smpo
+
+    store = tmp_path_factory.mktemp("store")
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        with prefect_test_harness(server_startup_timeout=120):
+            first = smpo(store=str(store))
+            second = smpo(store=str(store))
+            third = smpo(store=str(store), overrides=["train.beta=3000"])
+            fourth = smpo(stages=["score"], store=str(store), overrides=["score.batch_size=7"])
+    return {"store": store, "first": _by_stage(first), "second": _by_stage(second),
+            "third": _by_stage(third), "fourth": _by_stage(fourth)}
+
+
+def _by_stage(rows):
+    return {row["stage"]: row for row in rows}
+
+
+def _manifest(row) -> dict:
+    return json.loads((Path(row["path"]) / "manifest.json").read_text())
+
+
+def test_first_run_runs_every_stage(runs):
+    assert list(runs["first"]) == list(STAGES)
+    assert not any(row["reused"] for row in runs["first"].values())
+
+
+def test_download_drops_what_cannot_train(runs):
+    store = runs["store"]
+    expected = json.loads((store / "builtin" / "tiny-pickapic" / "expected_counts.json")
+                          .read_text())
+    manifest = _manifest(runs["first"]["download"])
+    assert manifest["source_rows"] == expected["rows"]
+    assert manifest["pairs"] == expected["usable"]
+    assert manifest["dropped"]["tie"] == expected["ties"]
+    assert manifest["dropped"]["no_label"] == expected["no_label"]
+    assert manifest["dropped"]["identical"] == expected["identical"]
+    assert manifest["dropped"]["corrupt_jpeg"] == expected["corrupt"]
+    folder = Path(runs["first"]["download"]["path"])
+    rows = sum(pq.read_metadata(f).num_rows for f in folder.glob("pairs-*.parquet"))
+    quarantined = sum(pq.read_metadata(f).num_rows for f in folder.glob("quarantine-*.parquet"))
+    assert rows == expected["usable"]
+    assert quarantined == expected["corrupt"]
+
+
+def test_score_writes_soft_labels(runs):
+    labels = pq.read_table(Path(runs["first"]["score"]["path"]) / "labels.parquet")
+    assert labels.num_rows == _manifest(runs["first"]["download"])["pairs"]
+    p = labels.column("p").to_numpy()
+    w = labels.column("weight").to_numpy()
+    np.testing.assert_allclose(w, 10.0 * (2 * p - 1), rtol=1e-12)
+    # With bounds fitted on the scored data, |r'_0 - r'_1| <= 1, so |w| <= 10 (2 sigmoid(1) - 1).
+    assert np.abs(w).max() <= 10 * (2 / (1 + np.exp(-1)) - 1) + 1e-9
+    meta = {k.decode(): v.decode() for k, v in labels.schema.metadata.items()}
+    assert meta["smpo.reward_model"] == "pickscore"
+    assert meta["smpo.bounds"] == "fitted-minmax"
+    assert float(meta["smpo.r_max"]) > float(meta["smpo.r_min"])
+    assert _manifest(runs["first"]["score"])["unique_images"] == 2 * labels.num_rows
+
+
+def test_invert_caches_trajectories(runs):
+    folder = Path(runs["first"]["invert"]["path"])
+    meta = json.loads((folder / "cache.json").read_text())
+    assert meta["levels"] == [199, 399, 599, 799, 999]
+    pairs = _manifest(runs["first"]["download"])["pairs"]
+    index = pq.read_table(sorted(folder.glob("index-*.parquet"))[0])
+    total = sum(pq.read_metadata(f).num_rows for f in folder.glob("index-*.parquet"))
+    assert total == pairs
+    with safe_open(str(folder / "shard-00000.safetensors"), "pt") as shard:
+        z, z0 = shard.get_tensor("z"), shard.get_tensor("z0")
+    assert z.dtype == torch.float16
+    assert tuple(z.shape) == (index.num_rows, 2, 5, 4, 16, 16)
+    assert tuple(z0.shape) == (index.num_rows, 2, 4, 16, 16)
+    assert torch.isfinite(z.float()).all()
+    # Higher levels are noisier: the latents drift away from z0 as t grows.
+    drift = [(z[:, :, k].float() - z0.float()).pow(2).mean().item() for k in range(5)]
+    assert drift == sorted(drift)
+
+
+def test_train_writes_a_changed_unet_and_finite_losses(runs):
+    from diffusers import UNet2DConditionModel
+
+    folder = Path(runs["first"]["train"]["path"])
+    tuned = UNet2DConditionModel.from_pretrained(folder / "unet")
+    base = UNet2DConditionModel.from_pretrained(runs["store"] / "builtin" / "tiny-sd",
+                                                subfolder="unet")
+    moved = sum((a - b).abs().sum().item() for a, b in
+                zip(tuned.parameters(), base.parameters(), strict=True))
+    assert moved > 0
+    history = json.loads((folder / "history.json").read_text())
+    assert len(history) == 30
+    assert all(np.isfinite(h["loss"]) and 0 <= h["implicit_accuracy"] <= 1 for h in history)
+    # Step 1 starts from policy == reference: d = 0, so the loss is exactly log 2.
+    assert history[0]["loss"] == pytest.approx(np.log(2), abs=1e-6)
+    assert (folder / "training.png").stat().st_size > 0
+
+
+def test_evaluate_reports_win_rates_grid_and_html(runs):
+    folder = Path(runs["first"]["evaluate"]["path"])
+    summary = json.loads((folder / "summary.json").read_text())
+    assert set(summary["metrics"]) == {"pickscore", "clipscore"}
+    for metric in summary["metrics"].values():
+        assert 0.0 <= metric["win_rate"] <= 1.0
+    assert summary["generation"]["steps"] == 10
+    scores = pq.read_table(folder / "scores.parquet")
+    assert scores.num_rows == 8
+    rates = scores.column("pickscore_tuned").to_numpy() > scores.column("pickscore_base").to_numpy()
+    ties = scores.column("pickscore_tuned").to_numpy() == scores.column("pickscore_base").to_numpy()
+    assert summary["metrics"]["pickscore"]["win_rate"] == pytest.approx(
+        rates.mean() + 0.5 * ties.mean())
+    with Image.open(folder / "grid.png") as grid:
+        assert grid.width > 256 and grid.height > 8 * 64
+    assert len(list((folder / "images" / "base").glob("*.png"))) == 8
+    html = (folder / "report.html").read_text()
+    assert "win rate" in html and "data:image/png;base64," in html
+
+
+def test_unchanged_rerun_reuses_every_stage(runs):
+    assert all(row["reused"] for row in runs["second"].values())
+    assert {s: r["key"] for s, r in runs["second"].items()} == \
+        {s: r["key"] for s, r in runs["first"].items()}
+
+
+def test_changed_beta_reruns_train_and_evaluate_only(runs):
+    ran = {stage for stage, row in runs["third"].items() if not row["reused"]}
+    assert ran == {"train", "evaluate"}
+    assert runs["third"]["train"]["key"] != runs["first"]["train"]["key"]
+    assert runs["third"]["invert"]["key"] == runs["first"]["invert"]["key"]
+
+
+def test_runtime_settings_do_not_change_keys(runs):
+    assert list(runs["fourth"]) == ["download", "score"]
+    assert runs["fourth"]["score"]["reused"]
+    assert runs["fourth"]["score"]["key"] == runs["first"]["score"]["key"]
+
+
+def test_mlflow_parent_with_nested_stage_runs(runs):
+    client = MlflowClient(f"sqlite:///{runs['store'] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smpo")
+    parents = client.search_runs([experiment.experiment_id],
+                                 filter_string="tags.`smpo.profile` = 'tiny'",
+                                 order_by=["attributes.start_time ASC"])
+    parents = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
+    assert len(parents) == 4
+    first, second = parents[0], parents[1]
+    assert first.data.tags["prefect.flow_run_id"]
+    assert first.data.tags["smpo.code_version"]
+    children = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{first.info.run_id}'")
+    assert sorted(c.data.tags["smpo.stage"] for c in children) == sorted(STAGES)
+    assert all(c.data.tags["smpo.reused"] == "false" for c in children)
+    train = next(c for c in children if c.data.tags["smpo.stage"] == "train")
+    assert train.data.params["train.beta"] == "2000.0"
+    losses = client.get_metric_history(train.info.run_id, "train.loss")
+    assert len(losses) == 30 and all(np.isfinite(m.value) for m in losses)
+    evaluate = next(c for c in children if c.data.tags["smpo.stage"] == "evaluate")
+    artifacts = {a.path for a in client.list_artifacts(evaluate.info.run_id)}
+    assert {"grid.png", "report.html", "summary.json", "manifest.json"} <= artifacts
+    reused = client.search_runs(
+        [experiment.experiment_id],
+        filter_string=f"tags.mlflow.parentRunId = '{second.info.run_id}'")
+    assert len(reused) == 5 and all(c.data.tags["smpo.reused"] == "true" for c in reused)
