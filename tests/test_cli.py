@@ -1,0 +1,38 @@
+"""Bad input at the command line: exit 2, one clear line naming the input, nothing written."""
+
+from __future__ import annotations
+
+import subprocess
+import sys
+
+import pytest
+
+CASES = [
+    (["--profile", "nope"], "profile 'nope': no such profile; expected one of"),
+    (["--set", "train.bta=1"], "unknown setting 'train.bta'"),
+    (["--set", "train.beta=abc"], "override 'train.beta=abc': setting train.beta:"),
+    (["--set", "train.labels=maybe"], "setting train.labels: Input should be 'smoothed' or 'human'"),
+    (["--set", "nokey"], "expected SECTION.KEY=VALUE"),
+    (["evaluat"], "stage 'evaluat': unknown; expected some of download, score"),
+    (["--force", "trian"], "--force 'trian': unknown stage"),
+]
+
+
+@pytest.mark.parametrize(("args", "message"), CASES)
+def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, message):
+    store = tmp_path / "store"
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--store", str(store),
+                             *args], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 2
+    lines = [line for line in result.stderr.splitlines() if line.startswith("smpo: error:")]
+    assert len(lines) == 1, result.stderr
+    assert message in lines[0]
+    assert not store.exists()
+
+
+def test_settings_lists_every_key_with_its_value():
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "settings", "--set",
+                             "train.beta=5000"], capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0
+    assert "train.beta=5000.0" in result.stdout
+    assert "model.base='builtin:tiny-sd'" in result.stdout
