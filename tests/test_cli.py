@@ -11,7 +11,7 @@ CASES = [
     (["--profile", "nope"], "profile 'nope': no such profile; expected one of"),
     (["--set", "train.bta=1"], "unknown setting 'train.bta'"),
     (["--set", "train.beta=abc"], "override 'train.beta=abc': setting train.beta:"),
-    (["--set", "train.labels=maybe"], "setting train.labels: Input should be 'smoothed' or 'human'"),
+    (["--set", "train.labels=maybe"], "train.labels: Input should be 'smoothed' or 'human'"),
     (["--set", "nokey"], "expected SECTION.KEY=VALUE"),
     (["evaluat"], "stage 'evaluat': unknown; expected some of download, score"),
     (["--force", "trian"], "--force 'trian': unknown stage"),

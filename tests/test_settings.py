@@ -19,7 +19,7 @@ def test_overrides_are_typed_and_validated():
     settings = load_settings("tiny", ["train.beta=5000", "evaluate.metrics={clipscore: x}"])
     assert settings.train.beta == 5000.0
     assert settings.evaluate.metrics == {"clipscore": "x"}
-    with pytest.raises(SmpoError, match="train.max_steps"):
+    with pytest.raises(SmpoError, match=r"train\.max_steps"):
         load_settings("tiny", ["train.max_steps=0"])
 
 
@@ -37,7 +37,7 @@ def test_profile_from_a_yaml_path(tmp_path):
     settings = load_settings(str(profile))
     assert settings.profile == "mine" and settings.train.beta == 123
     profile.write_text("train:\n  betta: 1\n")
-    with pytest.raises(SmpoError, match="train.betta"):
+    with pytest.raises(SmpoError, match=r"train\.betta"):
         load_settings(str(profile))
 
 
