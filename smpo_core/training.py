@@ -11,12 +11,14 @@ import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
+from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from smpo_core.inversion import forward_noise, implied_noise, renoise_invert
 from smpo_core.losses import per_image_mse, preference_loss, sft_loss
+from smpo_core.store import atomic_path
 
 
 @dataclass
@@ -256,3 +258,23 @@ class CachedPairs:
             winner=self.winner[positions].to(self.device),
         )
         return batch, generator
+
+
+def save_train_state(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     schedule, step: int, history: list[dict[str, float]]) -> None:
+    """Everything a resumed run needs to continue as if never stopped; written atomically."""
+    with atomic_path(path) as tmp:
+        torch.save({"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
+                    "schedule": schedule.state_dict(), "step": step, "history": history}, tmp)
+
+
+def load_train_state(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
+                     schedule) -> tuple[int, list[dict[str, float]]]:
+    """Restore a saved state in place; returns (step, history). (0, []) if there is none."""
+    if not Path(path).is_file():
+        return 0, []
+    state = torch.load(path, map_location="cpu", weights_only=False)
+    policy.load_state_dict(state["policy"])
+    optimizer.load_state_dict(state["optimizer"])
+    schedule.load_state_dict(state["schedule"])
+    return state["step"], state["history"]

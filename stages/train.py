@@ -24,7 +24,9 @@ from smpo_core.training import (
     CachedPairs,
     LoopConfig,
     StepConfig,
+    load_train_state,
     make_optimizer,
+    save_train_state,
     train_loop,
     warmup_constant,
 )
@@ -86,13 +88,9 @@ def compute(run: StageRun) -> dict[str, Any]:
     policy, optimizer, schedule = accelerator.prepare(policy, optimizer, schedule)
 
     state_file = run.out_dir / STATE
-    start_step, history = 0, []
-    if state_file.is_file():
-        state = torch.load(state_file, map_location=device, weights_only=False)
-        accelerator.unwrap_model(policy).load_state_dict(state["policy"])
-        optimizer.load_state_dict(state["optimizer"])
-        schedule.load_state_dict(state["schedule"])
-        start_step, history = state["step"], state["history"]
+    start_step, history = load_train_state(state_file, accelerator.unwrap_model(policy),
+                                           optimizer, schedule)
+    if start_step:
         run.log("resuming from step %d", start_step)
 
     data = CachedPairs(cache, weight, winner, cfg.batch_size, cfg.seed, cfg.empty_caption_prob,
@@ -112,10 +110,8 @@ def compute(run: StageRun) -> dict[str, Any]:
         progress.update(step - progress.done)
 
     def on_checkpoint(step: int) -> None:
-        with atomic_path(state_file) as tmp:
-            torch.save({"policy": accelerator.unwrap_model(policy).state_dict(),
-                        "optimizer": optimizer.state_dict(), "schedule": schedule.state_dict(),
-                        "step": step, "history": history}, tmp)
+        save_train_state(state_file, accelerator.unwrap_model(policy), optimizer, schedule,
+                         step, history)
 
     last = train_loop(policy, reference, data, alphas_cumprod, step_cfg, loop, optimizer,
                       schedule, accelerator, start_step, on_metrics, on_checkpoint)
