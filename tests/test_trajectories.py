@@ -107,7 +107,7 @@ def test_cache_from_another_model_or_grid_is_refused(tmp_path):
         cache.check_compatible({"base_model": "m", "resolution": 64, "levels": [1, 2, 3]})
     with pytest.raises(SmpoError, match="levels"):
         cache.check_compatible({"base_model": "m", "resolution": 32, "levels": [1, 2]})
-    with pytest.raises(SmpoError, match="cache.json missing"):
+    with pytest.raises(SmpoError, match=r"cache\.json missing"):
         TrajectoryCache(tmp_path / "nothing")
 
 
