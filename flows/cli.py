@@ -49,7 +49,7 @@ def print_table(rows: list[dict]) -> None:
 
 
 def print_settings(settings: Settings) -> None:
-    for section, field in Settings.model_fields.items():
+    for section in Settings.model_fields:
         value = getattr(settings, section)
         if not hasattr(value, "model_fields"):
             print(f"{section}: {value}")
@@ -61,6 +61,8 @@ def print_settings(settings: Settings) -> None:
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    # Offline machines: Prefect's temporary server would log a failed telemetry call each run.
+    os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
         settings = load_settings(args.profile, args.overrides)
         if args.command == "settings":

@@ -69,7 +69,7 @@ def build_pipeline(base: str, device: torch.device, dtype: torch.dtype,
     """The base pipeline, or the base with a tuned UNet swapped in; DDIM sampler."""
     extra = {"unet": unet} if unet is not None else {}
     pipe = StableDiffusionPipeline.from_pretrained(
-        base, revision=revision, torch_dtype=dtype, safety_checker=None,
+        base, revision=revision, dtype=dtype, safety_checker=None,
         requires_safety_checker=False, **extra,
     )
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
@@ -133,14 +133,14 @@ def comparison_grid(prompts: Sequence[str], base: Sequence[Image.Image],
                     max_rows: int = 16) -> Image.Image:
     """Rows of (prompt, base image, tuned image), images upscaled to `cell` px."""
     rows = min(len(prompts), max_rows)
-    label_w, pad, header = 3 * cell, 4, 18
+    label_w, pad, header = 2 * cell, 4, 18
     grid = Image.new("RGB", (label_w + 2 * (cell + pad), header + rows * (cell + pad)), "white")
     draw = ImageDraw.Draw(grid)
     draw.text((label_w, 2), "base", fill="black")
     draw.text((label_w + cell + pad, 2), "tuned", fill="black")
     for i in range(rows):
         y = header + i * (cell + pad)
-        draw.multiline_text((4, y + 4), _wrap(prompts[i], 40), fill="black")
+        draw.multiline_text((4, y + 4), _wrap(prompts[i], 28), fill="black")
         grid.paste(base[i].resize((cell, cell), Image.NEAREST), (label_w, y))
         grid.paste(tuned[i].resize((cell, cell), Image.NEAREST), (label_w + cell + pad, y))
     return grid

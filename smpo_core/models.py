@@ -67,23 +67,20 @@ def load_diffusion(
     _check_model_ref(ref, "model.base")
     kw = {"revision": revision}
     try:
-        unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", **kw)
-        vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", **kw)
-        text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", **kw)
+        # Loading in the target dtype (not .to() afterwards) keeps the modules a model marks
+        # as float32-only in float32.
+        unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", dtype=dtype, **kw)
+        vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", dtype=dtype, **kw)
+        text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", dtype=dtype,
+                                                     **kw)
         tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **kw)
         scheduler = DDIMScheduler.from_pretrained(ref, subfolder="scheduler", **kw)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SmpoError(f"model.base {ref!r}: could not load the diffusion model: {first}") from exc
     for module in (unet, vae, text_encoder):
-        module.requires_grad_(False).eval().to(device, dtype)
+        module.requires_grad_(False).eval().to(device)
     return DiffusionModel(unet, vae, text_encoder, tokenizer, scheduler, device, dtype)
-
-
-def load_unet(ref: str, subfolder: str | None, device: torch.device,
-              dtype: torch.dtype) -> UNet2DConditionModel:
-    unet = UNet2DConditionModel.from_pretrained(ref, subfolder=subfolder)
-    return unet.to(device, dtype)
 
 
 @torch.no_grad()

@@ -68,9 +68,9 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
 class Progress:
     """A terminal progress bar plus a Prefect progress artifact, updated at most every 2 s."""
 
-    def __init__(self, stage: str, total: int, unit: str):
-        self.stage, self.total, self.done = stage, max(total, 1), 0
-        self.bar = tqdm(total=total, desc=stage, unit=unit, file=sys.stderr, leave=False,
+    def __init__(self, stage: str, total: int | None, unit: str):
+        self.stage, self.total, self.done = stage, total or None, 0
+        self.bar = tqdm(total=self.total, desc=stage, unit=unit, file=sys.stderr, leave=False,
                         dynamic_ncols=True)
         self._artifact = _progress_artifact(stage)
         self._last = 0.0
@@ -79,12 +79,17 @@ class Progress:
         self.done += amount
         self.bar.update(amount)
         now = time.monotonic()
-        if now - self._last >= 2.0 or self.done >= self.total:
-            self._last = now
-            percent = min(100.0, 100.0 * self.done / self.total)
-            if self._artifact:
-                _update_progress(self._artifact, percent)
-            logger().info("%s: %d/%d (%.0f%%)", self.stage, self.done, self.total, percent)
+        finished = self.total is not None and self.done >= self.total
+        if now - self._last < 2.0 and not finished:
+            return
+        self._last = now
+        if self.total is None:  # unknown length: say how far, not what fraction
+            logger().info("%s: %d done", self.stage, self.done)
+            return
+        percent = min(100.0, 100.0 * self.done / self.total)
+        if self._artifact:
+            _update_progress(self._artifact, percent)
+        logger().info("%s: %d/%d (%.0f%%)", self.stage, self.done, self.total, percent)
 
     def close(self) -> None:
         self.bar.close()
@@ -126,7 +131,7 @@ class StageRun:
     def input_dir(self, stage: str) -> Path:
         return Path(self.inputs[stage].path)
 
-    def progress(self, total: int, unit: str = "it") -> Progress:
+    def progress(self, total: int | None, unit: str = "it") -> Progress:
         return Progress(self.stage, total, unit)
 
     def log(self, message: str, *args: Any) -> None:

@@ -47,7 +47,7 @@ def compute(run: StageRun) -> dict[str, Any]:
                   batch_size=cfg.batch_size, on_batch=progress.update)
     images = {"base": generate(pipe, prompts, **sample)}
     pipe.unet = UNet2DConditionModel.from_pretrained(
-        Path(run.input_dir("train")) / "unet").to(device, dtype)
+        Path(run.input_dir("train")) / "unet", dtype=dtype).to(device)
     images["tuned"] = generate(pipe, prompts, **sample)
     progress.close()
     scores = {name: score_all(metrics, images[name], prompts, batch_size=cfg.batch_size)

@@ -72,9 +72,10 @@ def compute(run: StageRun) -> dict[str, Any]:
     policy.train()
     reference = None
     if cfg.method == "preference":
-        reference = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
-                                                         revision=model_cfg.revision)
-        reference.requires_grad_(False).eval().to(device, resolve_dtype(model_cfg.dtype, device))
+        reference = UNet2DConditionModel.from_pretrained(
+            base, subfolder="unet", revision=model_cfg.revision,
+            dtype=resolve_dtype(model_cfg.dtype, device))
+        reference.requires_grad_(False).eval().to(device)
     alphas_cumprod = DDIMScheduler.from_pretrained(
         base, subfolder="scheduler", revision=model_cfg.revision).alphas_cumprod.float()
 
