@@ -68,15 +68,16 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "settings":
             print_settings(settings)
             return 0
-        from flows.pipeline import default_store, prepare, smpo, with_upstream
+        from flows.pipeline import default_store, preflight, prepare, smpo, with_upstream
 
-        with_upstream(args.stages)
+        plan = with_upstream(args.stages)
         for stage in args.force:
             if stage not in STAGES:
                 raise SmpoError(f"--force {stage!r}: unknown stage; expected one of "
                                 f"{', '.join(STAGES)}")
         store = args.store or default_store()
         prepare(settings, store)  # an unreachable MLflow server fails here, before any stage
+        preflight(settings, store, plan)
         rows = smpo(stages=args.stages or None, profile=args.profile,
                     overrides=args.overrides, store=store, force=args.force)
     except SmpoError as exc:

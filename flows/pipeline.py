@@ -18,7 +18,9 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import flow, runtime
 
+from smpo_core import builtin
 from smpo_core.errors import SmpoError
+from smpo_core.pickapic import describe_source, iter_source
 from smpo_core.settings import STAGES, Settings, load_settings
 from stages import tracking
 from stages.common import RunContext, StageResult
@@ -82,6 +84,16 @@ def prepare(settings: Settings, store: str) -> tuple[str, str, MlflowClient]:
     return uri, tracking.experiment_id(client, uri, Path(store).resolve()), client
 
 
+def preflight(settings: Settings, store: str, plan: list[str]) -> None:
+    """Check local inputs before any stage runs, so bad input fails with nothing written:
+    the first rows of a local Pick-a-Pic source (column names and types)."""
+    if "download" not in plan:
+        return
+    source = builtin.resolve(settings.download.source, Path(store).resolve())
+    if describe_source(source) != "hub":
+        next(iter(iter_source(source, settings.download.split)), None)
+
+
 @flow(name="smpo", log_prints=True)
 def smpo(
     stages: list[str] | None = None,
@@ -97,6 +109,7 @@ def smpo(
     plan = with_upstream(stages)
     forced = set(force or [])
     uri, experiment, client = prepare(settings, store)
+    preflight(settings, store, plan)
     tags = {"prefect.flow_run_id": runtime.flow_run.id or "", "smpo.profile": settings.profile,
             "smpo.code_version": code_version(), "smpo.stages": ",".join(plan),
             "smpo.overrides": " ".join(overrides or [])}

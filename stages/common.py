@@ -3,6 +3,7 @@ Prefect progress and summary artifacts. Stage modules supply only the computatio
 
 from __future__ import annotations
 
+import contextlib
 import logging
 import sys
 import time
@@ -178,7 +179,11 @@ def run_stage(
             out_dir.mkdir(parents=True, exist_ok=True)
             run = StageRun(ctx, stage, out_dir, inputs, tracker)
             compute_started = time.perf_counter()
-            manifest = compute(run)
+            try:
+                manifest = compute(run)
+            except BaseException:
+                _remove_if_empty(out_dir)  # a stage that wrote nothing leaves nothing behind
+                raise
             manifest |= {
                 "stage": stage, "key": key, "version": version,
                 "inputs": {name: result.key for name, result in inputs.items()},
@@ -196,6 +201,11 @@ def run_stage(
                          {k: v for k, v in manifest.items() if k not in ("settings", "inputs")})
     _summary_artifact(result)
     return result
+
+
+def _remove_if_empty(folder: Path) -> None:
+    with contextlib.suppress(OSError):
+        folder.rmdir()
 
 
 def _summary_artifact(result: StageResult) -> None:

@@ -36,3 +36,23 @@ def test_settings_lists_every_key_with_its_value():
     assert result.returncode == 0
     assert "train.beta=5000.0" in result.stdout
     assert "model.base='builtin:tiny-sd'" in result.stdout
+
+
+def test_source_missing_a_column_fails_before_any_stage_output(tmp_path):
+    import pyarrow.parquet as pq
+
+    from smpo_core.synthetic import write_synthetic_pickapic
+
+    source = tmp_path / "source"
+    for file in write_synthetic_pickapic(source, num_pairs=20, num_files=1):
+        pq.write_table(pq.read_table(file).drop_columns(["label_0"]), file)
+    store = tmp_path / "store"
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", "download", "--store",
+                             str(store), "--set", f"download.source={source}"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("smpo: error:")]
+    assert len(error) == 1, result.stderr
+    assert "column 'label_0'" in error[0] and "missing" in error[0]
+    assert "train-00000-of-00001.parquet" in error[0]
+    assert not (store / "download").exists()
