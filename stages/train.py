@@ -114,17 +114,17 @@ def compute(run: StageRun) -> dict[str, Any]:
         save_train_state(state_file, accelerator.unwrap_model(policy), optimizer, schedule,
                          step, history)
 
-    last = train_loop(policy, reference, data, alphas_cumprod, step_cfg, loop, optimizer,
+    train_loop(policy, reference, data, alphas_cumprod, step_cfg, loop, optimizer,
                       schedule, accelerator, start_step, on_metrics, on_checkpoint)
     progress.close()
     with atomic_dir(run.out_dir / "unet") as tmp:
         accelerator.unwrap_model(policy).save_pretrained(tmp)
     _write_history(run, history)
-    first = history[0] if history else {}
+    first, last = (history[0], history[-1]) if history else ({}, {})
     return {
         "steps": cfg.max_steps, "resumed_from_step": start_step, "cached_pairs": len(cache),
         "pairs_seen": cfg.max_steps * cfg.grad_accum * cfg.batch_size,
-        "first_loss": first.get("loss"), "final_loss": last.get("loss", first.get("loss")),
+        "first_loss": first.get("loss"), "final_loss": last.get("loss"),
         "final_implicit_accuracy": last.get("implicit_accuracy"),
         "mean_step_seconds": float(np.mean([h["step_seconds"] for h in history]))
         if history else None,

@@ -33,8 +33,15 @@ def runs(tmp_path_factory):
             second = smpo(store=str(store))
             third = smpo(store=str(store), overrides=["train.beta=3000"])
             fourth = smpo(stages=["score"], store=str(store), overrides=["score.batch_size=7"])
+            forced = smpo(stages=["evaluate"], store=str(store), force=["evaluate"])
+            # A train stage killed after its last checkpoint: the manifest was never written.
+            train_dir = Path(_by_stage(first)["train"]["path"])
+            unet_before = (train_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
+            (train_dir / "manifest.json").unlink()
+            resumed = smpo(stages=["train"], store=str(store))
     return {"store": store, "first": _by_stage(first), "second": _by_stage(second),
-            "third": _by_stage(third), "fourth": _by_stage(fourth)}
+            "third": _by_stage(third), "fourth": _by_stage(fourth), "forced": _by_stage(forced),
+            "resumed": _by_stage(resumed), "unet_before": unet_before}
 
 
 def _by_stage(rows):
@@ -166,7 +173,7 @@ def test_mlflow_parent_with_nested_stage_runs(runs):
                                  filter_string="tags.`smpo.profile` = 'tiny'",
                                  order_by=["attributes.start_time ASC"])
     parents = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 4
+    assert len(parents) == 6
     first, second = parents[0], parents[1]
     assert first.data.tags["prefect.flow_run_id"]
     assert first.data.tags["smpo.code_version"]
@@ -186,3 +193,17 @@ def test_mlflow_parent_with_nested_stage_runs(runs):
         [experiment.experiment_id],
         filter_string=f"tags.mlflow.parentRunId = '{second.info.run_id}'")
     assert len(reused) == 5 and all(c.data.tags["smpo.reused"] == "true" for c in reused)
+
+
+def test_force_recomputes_one_stage_under_the_same_key(runs):
+    ran = {stage for stage, row in runs["forced"].items() if not row["reused"]}
+    assert ran == {"evaluate"}
+    assert runs["forced"]["evaluate"]["key"] == runs["first"]["evaluate"]["key"]
+
+
+def test_killed_train_stage_is_redone_from_its_last_checkpoint(runs):
+    train = runs["resumed"]["train"]
+    assert not train["reused"]
+    assert _manifest(train)["resumed_from_step"] == 30
+    unet = Path(train["path"]) / "unet" / "diffusion_pytorch_model.safetensors"
+    assert unet.read_bytes() == runs["unet_before"]
