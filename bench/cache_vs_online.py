@@ -1,0 +1,101 @@
+"""What the trajectory cache buys: seconds per SmPO step, cached vs online inversion.
+
+    .venv/bin/python bench/cache_vs_online.py [--steps 10] [--batch 4] [--levels 5] [--device auto]
+
+Builds the tiny diffusion model (or loads `--model`, any diffusers folder), inverts a batch of
+synthetic pairs once, then times optimiser steps that read the cached trajectory against steps
+that re-invert with the policy inside the step (the authors' code). METHOD.md §6 predicts the
+online step costs ~2 UNet forwards per level more per image.
+"""
+
+from __future__ import annotations
+
+import argparse
+import copy
+import statistics
+import tempfile
+import time
+from pathlib import Path
+
+import pyarrow.parquet as pq
+import torch
+
+from smpo_core.inversion import inversion_levels
+from smpo_core.models import load_diffusion, resolve_device
+from smpo_core.pickapic import jpeg_error
+from smpo_core.synthetic import build_tiny_diffusion, write_synthetic_pickapic
+from smpo_core.training import PairBatch, StepConfig, smpo_loss
+from smpo_core.trajectories import invert_pair_batch
+
+
+def synthetic_rows(folder: Path, count: int) -> list[dict]:
+    files = write_synthetic_pickapic(folder, num_pairs=max(64, 4 * count), seed=1, num_files=1)
+    rows = [r for r in pq.read_table(files[0]).to_pylist()
+            if r["has_label"] and r["label_0"] != 0.5 and r["image_0_uid"] != r["image_1_uid"]
+            and jpeg_error(r["jpg_0"]) is None and jpeg_error(r["jpg_1"]) is None]
+    return [dict(r, pair_id=r["ranking_id"]) for r in rows[:count]]
+
+
+def time_steps(policy, reference, batch, alphas, cfg, steps, device) -> list[float]:
+    optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    times = []
+    for step in range(steps + 1):  # the first step warms up kernels and allocators
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        started = time.perf_counter()
+        loss, _ = smpo_loss(policy, reference, batch, alphas, cfg,
+                            torch.Generator().manual_seed(step))
+        loss.backward()
+        optimizer.step()
+        optimizer.zero_grad(set_to_none=True)
+        if device.type == "cuda":
+            torch.cuda.synchronize()
+        if step:
+            times.append(time.perf_counter() - started)
+    return times
+
+
+def main() -> None:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--model", default=None, help="diffusers folder (default: tiny)")
+    parser.add_argument("--resolution", type=int, default=32)
+    parser.add_argument("--steps", type=int, default=10)
+    parser.add_argument("--batch", type=int, default=4)
+    parser.add_argument("--levels", type=int, default=5)
+    parser.add_argument("--renoise-steps", type=int, default=1)
+    parser.add_argument("--device", default="auto")
+    args = parser.parse_args()
+
+    device = resolve_device(args.device)
+    with tempfile.TemporaryDirectory() as tmp:
+        model_dir = args.model or str(build_tiny_diffusion(Path(tmp) / "sd"))
+        model = load_diffusion(model_dir, device, torch.float32)
+        levels = inversion_levels(args.levels, model.scheduler.config.num_train_timesteps)
+        rows = synthetic_rows(Path(tmp) / "data", args.batch)
+        inverted = invert_pair_batch(model, rows, levels, args.resolution,
+                                     args.renoise_steps, "mean")
+    weight = torch.linspace(-3, 3, len(rows), device=device)
+    batch = PairBatch(inverted.z0, inverted.z, inverted.text, weight, (weight < 0).long())
+    alphas = model.alphas_cumprod
+    reference = model.unet
+    results = {}
+    for source in ("cache", "online"):
+        policy = copy.deepcopy(model.unet).train().requires_grad_(True)
+        cfg = StepConfig("preference", "inversion", source, "level", 2000.0, levels,
+                         args.renoise_steps, "mean")
+        run_batch = batch if source == "cache" else PairBatch(
+            batch.z0, None, batch.text, batch.weight, batch.winner)
+        results[source] = time_steps(policy, reference, run_batch, alphas, cfg, args.steps,
+                                     device)
+    cached, online = (statistics.median(results[s]) for s in ("cache", "online"))
+    print(f"device {device}, {args.batch} pairs/step, K={len(levels)}, R={args.renoise_steps}, "
+          f"{args.steps} timed steps")
+    print(f"{'trajectory':<10} {'median s/step':>14} {'min':>8} {'max':>8}")
+    for source, times in results.items():
+        print(f"{source:<10} {statistics.median(times):>14.4f} {min(times):>8.4f} "
+              f"{max(times):>8.4f}")
+    print(f"online / cached: {online / cached:.2f}x")
+
+
+if __name__ == "__main__":
+    main()
