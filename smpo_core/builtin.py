@@ -24,6 +24,7 @@ def _tiny_pickapic(folder: Path) -> Path:
 BUILDERS = {
     "tiny-pickapic": _tiny_pickapic,
     "tiny-sd": lambda folder: synthetic.build_tiny_diffusion(folder, seed=0),
+    "tiny-sdxl": lambda folder: synthetic.build_tiny_sdxl(folder, seed=0),
     "tiny-clip": lambda folder: synthetic.build_tiny_clip_reward(folder, seed=0),
 }
 

@@ -8,7 +8,7 @@ from pathlib import Path
 import numpy as np
 import pyarrow.parquet as pq
 import torch
-from diffusers import DDIMScheduler, StableDiffusionPipeline
+from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
 from PIL import Image, ImageDraw
 
 from smpo_core.errors import SmpoError
@@ -64,21 +64,24 @@ def _hub_prompts(spec: str, num_prompts: int) -> list[str]:
     return prompts
 
 
-def build_pipeline(base: str, device: torch.device, dtype: torch.dtype,
-                   unet=None, revision: str | None = None) -> StableDiffusionPipeline:
-    """The base pipeline, or the base with a tuned UNet swapped in; DDIM sampler."""
+def build_pipeline(base: str, device: torch.device, dtype: torch.dtype, unet=None,
+                   revision: str | None = None, vae: str | None = None) -> DiffusionPipeline:
+    """The base text-to-image pipeline (SD or SDXL, as the model folder says), or the base with
+    a tuned UNet swapped in; DDIM sampler."""
     extra = {"unet": unet} if unet is not None else {}
-    pipe = StableDiffusionPipeline.from_pretrained(
-        base, revision=revision, dtype=dtype, safety_checker=None,
-        requires_safety_checker=False, **extra,
-    )
+    if vae:
+        extra["vae"] = AutoencoderKL.from_pretrained(vae, dtype=dtype)
+    if "safety_checker" in DiffusionPipeline.load_config(base, revision=revision):
+        # Scores must see what the model drew (and the checker's weights need not load).
+        extra |= {"safety_checker": None, "requires_safety_checker": False}
+    pipe = DiffusionPipeline.from_pretrained(base, revision=revision, dtype=dtype, **extra)
     pipe.scheduler = DDIMScheduler.from_config(pipe.scheduler.config)
     pipe.set_progress_bar_config(disable=True)
     return pipe.to(device)
 
 
 def generate(
-    pipe: StableDiffusionPipeline,
+    pipe: DiffusionPipeline,
     prompts: Sequence[str],
     seed: int,
     num_inference_steps: int,

@@ -11,7 +11,7 @@ import numpy as np
 import torch
 from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
-from transformers import CLIPTextModel, CLIPTokenizer
+from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from smpo_core.errors import SmpoError
 
@@ -35,7 +35,8 @@ def resolve_dtype(name: str, device: torch.device) -> torch.dtype:
 
 @dataclass
 class DiffusionModel:
-    """The parts of a Stable-Diffusion-style model that inversion, training and sampling use."""
+    """The parts of a Stable-Diffusion-style model (SD1.x/2.x, or SDXL with its second text
+    encoder) that inversion, training and sampling use."""
 
     unet: UNet2DConditionModel
     vae: AutoencoderKL
@@ -44,6 +45,8 @@ class DiffusionModel:
     scheduler: DDIMScheduler
     device: torch.device
     dtype: torch.dtype
+    text_encoder_2: CLIPTextModelWithProjection | None = None
+    tokenizer_2: CLIPTokenizer | None = None
 
     @property
     def alphas_cumprod(self) -> torch.Tensor:
@@ -53,6 +56,36 @@ class DiffusionModel:
     def latent_factor(self) -> int:
         return 2 ** (len(self.vae.config.block_out_channels) - 1)
 
+    @property
+    def is_sdxl(self) -> bool:
+        return self.text_encoder_2 is not None
+
+
+@dataclass
+class PromptEmbeds:
+    """The UNet's text condition: cross-attention states, plus SDXL's pooled embedding."""
+
+    hidden: torch.Tensor  # (B, L, D)
+    pooled: torch.Tensor | None = None  # (B, P), SDXL only
+
+
+def uses_micro_conditions(unet: UNet2DConditionModel) -> bool:
+    """SDXL-style UNets take the pooled text embedding and size/crop ids as extra inputs."""
+    return unet.config.addition_embed_type == "text_time"
+
+
+def unet_condition(unet: UNet2DConditionModel, hidden: torch.Tensor,
+                   pooled: torch.Tensor | None = None,
+                   time_ids: torch.Tensor | None = None) -> dict:
+    """Keyword arguments of a UNet call for one condition (batched like the latents)."""
+    kwargs = {"encoder_hidden_states": hidden.to(unet.device, unet.dtype)}
+    if uses_micro_conditions(unet):
+        if pooled is None or time_ids is None:
+            raise ValueError("an SDXL UNet needs the pooled text embedding and time ids")
+        kwargs["added_cond_kwargs"] = {"text_embeds": pooled.to(unet.device, unet.dtype),
+                                       "time_ids": time_ids.to(unet.device, unet.dtype)}
+    return kwargs
+
 
 def _check_model_ref(ref: str, what: str) -> None:
     if (ref.startswith((".", "/", "~")) or Path(ref).exists()) and not Path(ref).is_dir():
@@ -61,48 +94,96 @@ def _check_model_ref(ref: str, what: str) -> None:
 
 
 def load_diffusion(
-    ref: str, device: torch.device, dtype: torch.dtype, revision: str | None = None
+    ref: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
+    vae: str | None = None,
 ) -> DiffusionModel:
-    """Load UNet, VAE, text encoder, tokenizer and DDIM scheduler from a diffusers folder/id."""
+    """Load UNet, VAE, text encoder(s), tokenizer(s) and DDIM scheduler from a diffusers
+    folder or hub id; `vae` replaces the model's VAE (e.g. SDXL's fp16-fix VAE)."""
     _check_model_ref(ref, "model.base")
     kw = {"revision": revision}
     try:
         # Loading in the target dtype (not .to() afterwards) keeps the modules a model marks
         # as float32-only in float32.
         unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", dtype=dtype, **kw)
-        vae = AutoencoderKL.from_pretrained(ref, subfolder="vae", dtype=dtype, **kw)
+        autoencoder = (AutoencoderKL.from_pretrained(vae, dtype=dtype) if vae else
+                       AutoencoderKL.from_pretrained(ref, subfolder="vae", dtype=dtype, **kw))
         text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", dtype=dtype,
                                                      **kw)
         tokenizer = CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer", **kw)
         scheduler = DDIMScheduler.from_pretrained(ref, subfolder="scheduler", **kw)
+        second = {}
+        if uses_micro_conditions(unet):
+            second = {
+                "text_encoder_2": CLIPTextModelWithProjection.from_pretrained(
+                    ref, subfolder="text_encoder_2", dtype=dtype, **kw),
+                "tokenizer_2": CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer_2", **kw),
+            }
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         raise SmpoError(f"model.base {ref!r}: could not load the diffusion model: {first}") from exc
-    for module in (unet, vae, text_encoder):
-        module.requires_grad_(False).eval().to(device)
-    return DiffusionModel(unet, vae, text_encoder, tokenizer, scheduler, device, dtype)
+    model = DiffusionModel(unet, autoencoder, text_encoder, tokenizer, scheduler, device, dtype,
+                           **second)
+    for module in (unet, autoencoder, text_encoder, model.text_encoder_2):
+        if module is not None:
+            module.requires_grad_(False).eval().to(device)
+    return model
+
+
+def _tokens(tokenizer: CLIPTokenizer, captions: list[str], device: torch.device) -> torch.Tensor:
+    return tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                     truncation=True, return_tensors="pt").input_ids.to(device)
 
 
 @torch.no_grad()
-def encode_captions(model: DiffusionModel, captions: list[str]) -> torch.Tensor:
-    """Text-encoder hidden states, (B, 77, D), the UNet's cross-attention condition."""
-    tokens = model.tokenizer(
-        captions, padding="max_length", max_length=model.tokenizer.model_max_length,
-        truncation=True, return_tensors="pt",
-    )
-    hidden = model.text_encoder(tokens.input_ids.to(model.device))[0]
-    return hidden.to(model.dtype)
+def encode_captions(model: DiffusionModel, captions: list[str]) -> PromptEmbeds:
+    """The UNet's text condition for each caption.
+
+    SD: the text encoder's last hidden states, (B, 77, D). SDXL: the penultimate hidden states
+    of both encoders side by side, (B, 77, D1 + D2), and the second encoder's pooled
+    projection, (B, P), as SDXL was trained.
+    """
+    if not model.is_sdxl:
+        hidden = model.text_encoder(_tokens(model.tokenizer, captions, model.device))[0]
+        return PromptEmbeds(hidden.to(model.dtype))
+    states, pooled = [], None
+    for tokenizer, encoder in ((model.tokenizer, model.text_encoder),
+                               (model.tokenizer_2, model.text_encoder_2)):
+        out = encoder(_tokens(tokenizer, captions, model.device), output_hidden_states=True)
+        states.append(out.hidden_states[-2])
+        pooled = getattr(out, "text_embeds", None)
+    return PromptEmbeds(torch.cat(states, dim=-1).to(model.dtype), pooled.to(model.dtype))
+
+
+def image_size(data: bytes) -> tuple[int, int]:
+    """(width, height) of encoded image bytes, without decoding the pixels."""
+    with Image.open(io.BytesIO(data)) as image:
+        return image.size
+
+
+def centre_crop_box(width: int, height: int, resolution: int) -> tuple[tuple[int, int], int, int]:
+    """Resized size and the crop's (left, top) when the short side becomes `resolution`."""
+    scale = resolution / min(width, height)
+    size = (max(resolution, round(width * scale)), max(resolution, round(height * scale)))
+    return size, (size[0] - resolution) // 2, (size[1] - resolution) // 2
+
+
+def micro_conditions(sizes: Sequence[tuple[int, int]], resolution: int) -> torch.Tensor:
+    """SDXL's size/crop ids per image, (B, 6): original (h, w), crop (top, left), target
+    (h, w), for the centre crop `jpeg_to_pixels` takes."""
+    rows = []
+    for width, height in sizes:
+        _, left, top = centre_crop_box(width, height, resolution)
+        rows.append([height, width, top, left, resolution, resolution])
+    return torch.tensor(rows, dtype=torch.float32)
 
 
 def jpeg_to_pixels(data: bytes, resolution: int) -> torch.Tensor:
     """Decode, resize the short side to `resolution`, centre-crop: (3, R, R) in [-1, 1]."""
     with Image.open(io.BytesIO(data)) as raw:
         image = raw.convert("RGB")
-    scale = resolution / min(image.size)
-    size = tuple(max(resolution, round(side * scale)) for side in image.size)
-    image = image.resize(size, Image.BICUBIC)
-    left, top = (image.width - resolution) // 2, (image.height - resolution) // 2
-    image = image.crop((left, top, left + resolution, top + resolution))
+    size, left, top = centre_crop_box(image.width, image.height, resolution)
+    image = image.resize(size, Image.BICUBIC).crop((left, top, left + resolution,
+                                                    top + resolution))
     array = np.asarray(image, dtype=np.float32) / 127.5 - 1.0
     return torch.from_numpy(array).permute(2, 0, 1)
 
@@ -125,11 +206,14 @@ def encode_images(
     return sample * model.vae.config.scaling_factor
 
 
-def noise_predictor(model: DiffusionModel, unet: UNet2DConditionModel, text: torch.Tensor):
-    """eps(z, t) for one text condition, as the inversion code calls it (conditional only)."""
+def noise_predictor(unet: UNet2DConditionModel, hidden: torch.Tensor,
+                    pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None):
+    """eps(z, t) for one batch of conditions, as the inversion code calls it (conditional
+    prediction only, no guidance)."""
+    condition = unet_condition(unet, hidden, pooled, time_ids)
 
     def eps(z: torch.Tensor, t: int) -> torch.Tensor:
         timesteps = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
-        return unet(z.to(unet.dtype), timesteps, encoder_hidden_states=text).sample
+        return unet(z.to(unet.dtype), timesteps, **condition).sample
 
     return eps

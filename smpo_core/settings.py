@@ -54,6 +54,9 @@ class ModelSettings(Section):
         description="Base diffusion model: hub id, local diffusers folder, or builtin:tiny-sd.",
     )
     revision: str | None = Field(None, description="Hub revision of the base model.")
+    vae: str | None = Field(
+        None, description="A VAE to use instead of the base model's (e.g. SDXL's fp16-fix VAE)."
+    )
     resolution: int = Field(512, gt=0, description="Training and evaluation image size, px.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float16", description="Weights dtype of the frozen models (VAE, text encoder, reference)."

@@ -470,3 +470,52 @@ def build_tiny_clip_reward(out_dir: Path, seed: int = 0, image_size: int = 32) -
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
 
     return _build_directory_once(out_dir, "config.json", build)
+
+
+def build_tiny_sdxl(out_dir: Path, seed: int = 0, resolution: int = 32) -> Path:
+    """Save a small random SDXL-shaped `StableDiffusionXLPipeline` (two text encoders, a UNet
+    conditioned on the pooled text embedding and size/crop ids, VAE factor 2) to `out_dir`."""
+    if resolution % 4:
+        raise ValueError(f"resolution must be a multiple of 4; got {resolution}")
+
+    def build(path: Path) -> None:
+        import torch
+        from diffusers import (
+            AutoencoderKL,
+            DDIMScheduler,
+            StableDiffusionXLPipeline,
+            UNet2DConditionModel,
+        )
+        from transformers import CLIPTextConfig, CLIPTextModel, CLIPTextModelWithProjection
+
+        tokenizer = build_clip_tokenizer()
+        text = _text_config(tokenizer)
+        with torch.random.fork_rng(devices=[]):
+            torch.manual_seed(seed)
+            unet = UNet2DConditionModel(
+                sample_size=resolution // 2, in_channels=4, out_channels=4, layers_per_block=1,
+                block_out_channels=(32, 64), down_block_types=("DownBlock2D",
+                                                               "CrossAttnDownBlock2D"),
+                up_block_types=("CrossAttnUpBlock2D", "UpBlock2D"), attention_head_dim=(2, 4),
+                use_linear_projection=True, addition_embed_type="text_time",
+                addition_time_embed_dim=8, transformer_layers_per_block=(1, 1),
+                # 6 size/crop ids x 8 + the second encoder's 32-wide pooled projection.
+                projection_class_embeddings_input_dim=6 * 8 + 32,
+                cross_attention_dim=2 * text["hidden_size"])
+            vae = AutoencoderKL(
+                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+                layers_per_block=1, latent_channels=4, sample_size=resolution,
+                scaling_factor=0.13025)
+            text_encoder = CLIPTextModel(CLIPTextConfig(**text))
+            text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text,
+                                                                        projection_dim=32))
+        scheduler = DDIMScheduler(
+            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+            num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        pipeline = StableDiffusionXLPipeline(
+            vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
+            tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
+        pipeline.save_pretrained(path)
+
+    return _build_directory_once(out_dir, "model_index.json", build)

@@ -18,6 +18,7 @@ from diffusers import UNet2DConditionModel
 
 from smpo_core.inversion import forward_noise, implied_noise, renoise_invert
 from smpo_core.losses import per_image_mse, preference_loss, sft_loss
+from smpo_core.models import unet_condition
 from smpo_core.store import atomic_path
 
 
@@ -30,6 +31,15 @@ class PairBatch:
     text: torch.Tensor  # (B, L, D) caption embeddings
     weight: torch.Tensor  # (B,) preference weight w: smoothed, or ±1 (human labels)
     winner: torch.Tensor  # (B,) index (0 or 1) of the human winner, for SFT
+    pooled: torch.Tensor | None = None  # (B, P) SDXL pooled text embedding
+    time_ids: torch.Tensor | None = None  # (B, 2, 6) SDXL size/crop ids of each image
+
+    def condition(self, unet: UNet2DConditionModel) -> dict:
+        """UNet keyword arguments for both images of every pair (pair-major, like z_t)."""
+        return unet_condition(
+            unet, self.text.repeat_interleave(2, dim=0),
+            None if self.pooled is None else self.pooled.repeat_interleave(2, dim=0),
+            None if self.time_ids is None else self.time_ids.reshape(-1, 6))
 
 
 @dataclass
@@ -87,12 +97,11 @@ def place_on_trajectory(
 
 
 def predict_pairs(unet: UNet2DConditionModel, z_t: torch.Tensor, t: torch.Tensor,
-                  text: torch.Tensor) -> torch.Tensor:
+                  batch: PairBatch) -> torch.Tensor:
     """The UNet's noise prediction for both images of every pair, (B, 2, C, H, W)."""
     b = z_t.shape[0]
     flat = z_t.reshape(2 * b, *z_t.shape[2:]).to(unet.dtype)
-    pred = unet(flat, t.repeat_interleave(2).to(z_t.device),
-                encoder_hidden_states=text.repeat_interleave(2, dim=0).to(unet.dtype)).sample
+    pred = unet(flat, t.repeat_interleave(2).to(z_t.device), **batch.condition(unet)).sample
     return pred.reshape(z_t.shape)
 
 
@@ -109,11 +118,11 @@ def online_trajectory(policy: UNet2DConditionModel, batch: PairBatch,
     """Invert the batch with the policy being trained, as the authors' code does: (B,2,K,...)."""
     b = batch.z0.shape[0]
     z0 = batch.z0.reshape(2 * b, *batch.z0.shape[2:])
-    text = batch.text.repeat_interleave(2, dim=0).to(policy.dtype)
+    condition = batch.condition(policy)
 
     def eps(z: torch.Tensor, t: int) -> torch.Tensor:
         steps = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
-        return policy(z.to(policy.dtype), steps, encoder_hidden_states=text).sample
+        return policy(z.to(policy.dtype), steps, **condition).sample
 
     with torch.no_grad():
         z = renoise_invert(eps, z0, cfg.levels, alphas_cumprod, cfg.renoise_steps, cfg.average)
@@ -137,11 +146,11 @@ def smpo_loss(
     if cfg.method == "sft":
         rows = torch.arange(len(batch.winner))
         winner_t, winner_target = z_t[rows, batch.winner], target[rows, batch.winner]
-        pred = predict_pairs(policy, winner_t[:, None].expand_as(z_t), t, batch.text)[:, 0]
+        pred = predict_pairs(policy, winner_t[:, None].expand_as(z_t), t, batch)[:, 0]
         return sft_loss(per_image_mse(pred, winner_target))
-    model_err = pair_errors(predict_pairs(policy, z_t, t, batch.text), target)
+    model_err = pair_errors(predict_pairs(policy, z_t, t, batch), target)
     with torch.no_grad():
-        ref_err = pair_errors(predict_pairs(reference, z_t, t, batch.text), target)
+        ref_err = pair_errors(predict_pairs(reference, z_t, t, batch), target)
     return preference_loss(model_err, ref_err, batch.weight.to(model_err.device), cfg.beta)
 
 
@@ -246,16 +255,18 @@ class CachedPairs:
     def __call__(self, index: int) -> tuple[PairBatch, torch.Generator]:
         positions = self.positions(index)
         generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * index + 1)
-        rows = self.cache.get(positions)
-        text = rows["text"].float()
+        names = ["z0", "text", "pooled", "time_ids"] + (["z"] if self.load_levels else [])
+        rows = {k: v.float() for k, v in self.cache.get(positions, names).items()}
         drop = torch.rand(len(positions), generator=generator) < self.empty_caption_prob
-        text[drop] = self.cache.empty_text.float()
+        rows["text"][drop] = self.cache.empty_text.float()
+        if "pooled" in rows:
+            rows["pooled"][drop] = self.cache.empty_pooled.float()
+        rows = {k: v.to(self.device) for k, v in rows.items()}
         batch = PairBatch(
-            z0=rows["z0"].float().to(self.device),
-            z=rows["z"].float().to(self.device) if self.load_levels else None,
-            text=text.to(self.device),
+            z0=rows["z0"], z=rows.get("z"), text=rows["text"],
             weight=self.weight[positions].to(self.device),
             winner=self.winner[positions].to(self.device),
+            pooled=rows.get("pooled"), time_ids=rows.get("time_ids"),
         )
         return batch, generator
 

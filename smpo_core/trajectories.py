@@ -2,7 +2,8 @@
 
 Layout of a cache folder:
   cache.json               what the latents were computed with (model, resolution, levels, ...)
-  shard-NNNNN.safetensors  z0 (N, 2, C, H, W), z (N, 2, K, C, H, W), text (N, L, D); fp16
+  shard-NNNNN.safetensors  z0 (N, 2, C, H, W), z (N, 2, K, C, H, W), text (N, L, D); fp16;
+                           SDXL adds pooled (N, P) and time_ids (N, 2, 6)
   index-NNNNN.parquet      pair_id, shard, row of each pair in that shard; written after the shard,
                            so a shard counts as complete once its index exists (resume point)
   empty_text.safetensors   the empty caption's embedding (for caption dropout in training)
@@ -26,9 +27,12 @@ from smpo_core.errors import SmpoError
 from smpo_core.inversion import renoise_invert
 from smpo_core.models import (
     DiffusionModel,
+    PromptEmbeds,
     encode_captions,
     encode_images,
+    image_size,
     jpeg_to_pixels,
+    micro_conditions,
     noise_predictor,
 )
 from smpo_core.store import atomic_path, write_json
@@ -51,6 +55,12 @@ class InvertedBatch:
     z0: torch.Tensor  # (B, 2, C, H, W)
     z: torch.Tensor  # (B, 2, K, C, H, W)
     text: torch.Tensor  # (B, L, D)
+    pooled: torch.Tensor | None = None  # (B, P), SDXL only
+    time_ids: torch.Tensor | None = None  # (B, 2, 6), SDXL only: per image size/crop ids
+
+    def tensors(self) -> dict[str, torch.Tensor]:
+        names = ("z0", "z", "text", "pooled", "time_ids")
+        return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
 def invert_pair_batch(
@@ -66,18 +76,26 @@ def invert_pair_batch(
 
     The VAE posterior sample of image i of a pair is seeded by (seed, pair_id, i).
     """
-    pixels = torch.stack([jpeg_to_pixels(row[f"jpg_{i}"], resolution)
-                          for row in rows for i in (0, 1)])
+    jpegs = [row[f"jpg_{i}"] for row in rows for i in (0, 1)]
+    pixels = torch.stack([jpeg_to_pixels(data, resolution) for data in jpegs])
     seeds = [(seed * 1_000_003 + 2 * row["pair_id"] + i) % 2**63 for row in rows for i in (0, 1)]
     z0 = encode_images(model, pixels, seeds)  # (2B, C, H, W), pair-major
-    text = encode_captions(model, [row["caption"] for row in rows])
-    eps_fn = noise_predictor(model, model.unet, text.repeat_interleave(2, dim=0))
+    prompt = encode_captions(model, [row["caption"] for row in rows])
+    pooled = time_ids = None
+    if model.is_sdxl:
+        pooled = prompt.pooled.repeat_interleave(2, dim=0)
+        time_ids = micro_conditions([image_size(data) for data in jpegs], resolution)
+    eps_fn = noise_predictor(model.unet, prompt.hidden.repeat_interleave(2, dim=0), pooled,
+                             time_ids)
     with torch.no_grad():
         z = renoise_invert(eps_fn, z0, list(levels), model.alphas_cumprod.to(z0.device),
                            renoise_steps=renoise_steps, average=average)  # (K, 2B, C, H, W)
     batch = len(rows)
     z = z.movedim(0, 1).reshape(batch, 2, len(levels), *z0.shape[1:])
-    return InvertedBatch(z0.reshape(batch, 2, *z0.shape[1:]), z, text)
+    return InvertedBatch(
+        z0.reshape(batch, 2, *z0.shape[1:]), z, prompt.hidden, prompt.pooled,
+        time_ids.view(batch, 2, 6) if time_ids is not None else None,
+    )
 
 
 def complete_shards(folder: Path) -> int:
@@ -87,8 +105,10 @@ def complete_shards(folder: Path) -> int:
 def write_shard(folder: Path, shard: int, pair_ids: list[int], batches: list[InvertedBatch]) -> int:
     """Write one shard and then its index; returns the bytes written."""
     tensors = {
-        name: torch.cat([getattr(b, name) for b in batches]).to(CACHE_DTYPE).contiguous().cpu()
-        for name in ("z0", "z", "text")
+        # Size/crop ids are pixel counts: fp16 would round sizes above 2048.
+        name: torch.cat([b.tensors()[name] for b in batches])
+        .to(torch.float32 if name == "time_ids" else CACHE_DTYPE).contiguous().cpu()
+        for name in batches[0].tensors()
     }
     target = folder / f"shard-{shard:05d}.safetensors"
     with atomic_path(target) as tmp:
@@ -103,9 +123,14 @@ def write_shard(folder: Path, shard: int, pair_ids: list[int], batches: list[Inv
     return target.stat().st_size
 
 
-def write_cache_meta(folder: Path, meta: dict[str, Any], empty_text: torch.Tensor) -> None:
+def write_cache_meta(folder: Path, meta: dict[str, Any], empty: PromptEmbeds) -> None:
+    """cache.json and the empty caption's condition (for caption dropout in training)."""
+    tensors = {"text": empty.hidden}
+    if empty.pooled is not None:
+        tensors["pooled"] = empty.pooled
     with atomic_path(folder / "empty_text.safetensors") as tmp:
-        save_file({"text": empty_text.to(CACHE_DTYPE).contiguous().cpu()}, str(tmp))
+        save_file({k: v.to(CACHE_DTYPE).contiguous().cpu() for k, v in tensors.items()},
+                  str(tmp))
     write_json(folder / "cache.json", meta)
 
 
@@ -173,6 +198,8 @@ class TrajectoryCache:
         self._handles: dict[int, Any] = {}
         with safe_open(str(self.folder / "empty_text.safetensors"), "pt") as handle:
             self.empty_text = handle.get_tensor("text")
+            stored = set(handle.keys())
+            self.empty_pooled = handle.get_tensor("pooled") if "pooled" in stored else None
 
     def __len__(self) -> int:
         return len(self.pair_ids)
@@ -197,12 +224,16 @@ class TrajectoryCache:
             self._handles[shard] = safe_open(str(path), "pt")
         return self._handles[shard]
 
-    def get(self, positions: Sequence[int]) -> dict[str, torch.Tensor]:
-        """z0 (B,2,C,H,W), z (B,2,K,C,H,W), text (B,L,D) for the pairs at these positions."""
-        out: dict[str, list[torch.Tensor]] = {"z0": [], "z": [], "text": []}
+    def get(self, positions: Sequence[int], names: Sequence[str] | None = None
+            ) -> dict[str, torch.Tensor]:
+        """The cached tensors of the pairs at these positions: z0 (B,2,C,H,W),
+        z (B,2,K,C,H,W), text (B,L,D), and for SDXL pooled (B,P), time_ids (B,2,6)."""
+        out: dict[str, list[torch.Tensor]] = {}
         for position in positions:
             handle = self._shard(self._shards[position])
             row = self._rows[position]
-            for name in out:
-                out[name].append(handle.get_slice(name)[row:row + 1])
+            stored = set(handle.keys())
+            for name in names or stored:
+                if name in stored:
+                    out.setdefault(name, []).append(handle.get_slice(name)[row:row + 1])
         return {name: torch.cat(parts) for name, parts in out.items()}

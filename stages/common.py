@@ -96,7 +96,20 @@ class Progress:
         self.bar.close()
 
 
+def in_prefect_run() -> bool:
+    """Inside a flow or task run; outside one, artifacts would start a temporary server."""
+    try:
+        from prefect.context import get_run_context
+
+        get_run_context()
+    except Exception:  # MissingContextError, or Prefect not set up
+        return False
+    return True
+
+
 def _progress_artifact(stage: str):
+    if not in_prefect_run():
+        return None
     try:
         from prefect.artifacts import create_progress_artifact
 
@@ -210,6 +223,8 @@ def _remove_if_empty(folder: Path) -> None:
 
 def _summary_artifact(result: StageResult) -> None:
     """A markdown table of the manifest in the Prefect UI."""
+    if not in_prefect_run():
+        return
     try:
         from prefect.artifacts import create_markdown_artifact
 

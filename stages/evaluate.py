@@ -40,7 +40,8 @@ def compute(run: StageRun) -> dict[str, Any]:
     }
     prompts = load_prompts(cfg.prompts, cfg.num_prompts)
     base_ref = run.ctx.resolve(model_cfg.base)
-    pipe = build_pipeline(base_ref, device, dtype, revision=model_cfg.revision)
+    pipe = build_pipeline(base_ref, device, dtype, revision=model_cfg.revision,
+                          vae=run.ctx.resolve(model_cfg.vae))
     progress = run.progress(total=2 * len(prompts), unit="images")
     sample = dict(seed=cfg.seed, num_inference_steps=cfg.num_inference_steps,
                   guidance_scale=cfg.guidance_scale, resolution=model_cfg.resolution,

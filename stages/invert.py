@@ -27,7 +27,7 @@ def compute(run: StageRun) -> dict[str, Any]:
     device = resolve_device(model_cfg.device)
     base = run.ctx.resolve(model_cfg.base)
     model = load_diffusion(base, device, resolve_dtype(model_cfg.dtype, device),
-                           model_cfg.revision)
+                           model_cfg.revision, vae=run.ctx.resolve(model_cfg.vae))
     levels = inversion_levels(cfg.num_levels, model.scheduler.config.num_train_timesteps)
     pairs = run.inputs["download"].summary["pairs"]
     if cfg.max_pairs:
@@ -35,12 +35,12 @@ def compute(run: StageRun) -> dict[str, Any]:
     empty_text = encode_captions(model, [""])
     side = model_cfg.resolution // model.latent_factor
     latent_shape = (model.unet.config.in_channels, side, side)
-    size = expected_bytes(pairs, latent_shape, len(levels), empty_text.shape[1:])
+    size = expected_bytes(pairs, latent_shape, len(levels), empty_text.hidden.shape[1:])
     run.log("caching %d pairs x %d levels at %s: %.1f MiB expected (fp16)", pairs, len(levels),
             "x".join(map(str, latent_shape)), size / 2**20)
     run.tracker.metrics({"expected_bytes": size, "pairs": pairs})
     write_cache_meta(run.out_dir, {
-        "base_model": model_cfg.base, "revision": model_cfg.revision,
+        "base_model": model_cfg.base, "revision": model_cfg.revision, "vae": model_cfg.vae,
         "resolution": model_cfg.resolution, "levels": levels,
         "renoise_steps": cfg.renoise_steps, "average": cfg.average,
         "latent_shape": list(latent_shape), "dtype": "float16", "pairs": pairs,
