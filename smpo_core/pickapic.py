@@ -1,19 +1,29 @@
 """Pick-a-Pic v2 sources and the download stage's filtering (METHOD.md §1).
 
-A source is read as a stream of Arrow record batches in the published column layout, whichever
-form it has: a folder of Parquet files (the hub layout `data/<split>-NNNNN-of-NNNNN.parquet`),
-a `datasets.save_to_disk` folder, or a hub dataset id. Rows that cannot train are dropped with
-a reason; pairs whose JPEG bytes do not decode are quarantined to a side file, not lost.
+A source is read as a stream of Arrow tables in the published column layout, whichever form it
+has: a folder of Parquet files (the hub layout `data/<split>-NNNNN-of-NNNNN.parquet`), a
+`datasets.save_to_disk` folder, or a hub dataset id (its Parquet files, read over HTTP at one
+pinned commit). Memory stays flat in the dataset size: one Parquet row group or one Arrow
+record batch is held at a time, and output shards are written row group by row group.
+
+Rows that cannot train are dropped with a reason; pairs whose JPEG bytes do not decode are
+quarantined to a side file, not lost. Progress is committed shard by shard, so a killed run
+resumes after its last complete shard and ends with exactly the rows a clean run writes.
 """
 
 from __future__ import annotations
 
+import contextlib
 import io
 import json
+import math
+import os
+import re
 from collections import Counter
-from collections.abc import Callable, Iterator
+from collections.abc import Callable, Iterable, Iterator
 from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Any
 
 import pyarrow as pa
 import pyarrow.parquet as pq
@@ -21,7 +31,7 @@ from PIL import Image
 
 from smpo_core.errors import SmpoError
 from smpo_core.schema import PAIRS_SCHEMA, PICKAPIC_SCHEMA
-from smpo_core.store import atomic_path, write_json
+from smpo_core.store import write_json
 
 # The columns the pair schema is built from; the rest of the published columns are optional.
 REQUIRED_COLUMNS = (
@@ -35,14 +45,35 @@ QUARANTINE_SCHEMA = pa.schema(
      ("jpg", pa.binary())]
 )
 PROGRESS = "progress.json"
+KNOWN_SPLITS = ("train", "validation", "test", "validation_unique", "test_unique")
+CANONICAL_HUB_ID = "yuvalkirstain/pickapic_v2"
+# Rows per table handed to the filter. Real pairs are ~0.3 MB, so this is ~20 MB of JPEG bytes.
+BATCH_ROWS = 64
+
+# `namespace/name`: what the hub accepts as a dataset id (single-segment ids are gone).
+_HUB_ID = re.compile(r"^[A-Za-z0-9][\w.-]*/[\w.-]+$")
+# Hub layout file names: `train-00000-of-00645-<hash>.parquet` -> "train".
+_SPLIT_FILE = re.compile(r"^(?P<split>[A-Za-z0-9_]+)-\d+-of-\d+")
+# Columns `classify` looks at; the JPEG bytes are read per row only when they need decoding.
+_CLASSIFY_COLUMNS = ("has_label", "label_0", "image_0_uid", "image_1_uid", "are_different",
+                     "ranking_id")
+# Small repeated strings compress well as dictionaries; JPEG bytes never repeat.
+_DICTIONARY_COLUMNS = ["caption", "model_0", "model_1"]
+
+
+class SourceUnreachable(SmpoError, ConnectionError):
+    """The hub did not answer (refused, reset, timed out): worth retrying, unlike other
+    SmpoErrors; the message says what to do if it lasts."""
 
 
 @dataclass
 class RowBatch:
-    """Source rows with where they came from, for error messages."""
+    """Source rows, where they came from (for error messages) and the source index of the
+    first row (None: the rows follow the previous batch)."""
 
     table: pa.Table
     origin: str
+    start: int | None = None
 
 
 def _expected_type(column: str) -> pa.DataType:
@@ -68,79 +99,193 @@ def _compatible(actual: pa.DataType, expected: pa.DataType) -> bool:
 def check_columns(schema: pa.Schema, origin: str) -> None:
     """Raise a SmpoError naming the column, the file and the expected type."""
     for column in REQUIRED_COLUMNS + tuple(OPTIONAL_DEFAULTS):
+        expected = _expected_type(column)
         if column not in schema.names:
             if column in OPTIONAL_DEFAULTS:
                 continue
             raise SmpoError(
-                f"{origin}: column {column!r} missing; expected the Pick-a-Pic v2 columns "
-                f"{', '.join(REQUIRED_COLUMNS)} (METHOD.md §1)"
+                f"{origin}: column {column!r} ({expected}) missing; expected the Pick-a-Pic v2 "
+                f"columns {', '.join(REQUIRED_COLUMNS)} (METHOD.md §1)"
             )
-        actual, expected = schema.field(column).type, _expected_type(column)
+        actual = schema.field(column).type
         if not _compatible(actual, expected):
             raise SmpoError(
                 f"{origin}: column {column!r} has type {actual}; expected {expected} "
-                f"(Pick-a-Pic v2 schema)"
+                f"(Pick-a-Pic v2 schema, METHOD.md §1)"
             )
 
 
-def _split_files(folder: Path, split: str) -> list[Path]:
-    files = sorted(folder.rglob("*.parquet"))
-    # Hub layout: data/<split>-00000-of-00010-<hash>.parquet; a folder of one split's files has
-    # arbitrary names, so fall back to all files when none carries a split prefix.
-    chosen = [f for f in files if f.name.startswith(f"{split}-")]
-    any_prefixed = any(f.name.split("-")[0] in _KNOWN_SPLITS for f in files)
-    return chosen if any_prefixed else files
-
-
-_KNOWN_SPLITS = {"train", "validation", "test", "validation_unique", "test_unique"}
+# --- locating a source ----------------------------------------------------------------------
 
 
 def describe_source(source: str) -> str:
     """`parquet`, `save_to_disk` or `hub`: how `source` will be read."""
-    path = Path(source)
+    path = Path(source).expanduser()
     if path.is_dir():
         if (path / "dataset_dict.json").is_file() or (path / "state.json").is_file():
             return "save_to_disk"
         return "parquet"
-    if path.exists() or source.startswith((".", "/", "~")):
+    if path.exists():
         raise SmpoError(
-            f"download.source {source!r}: not a folder; expected a folder of Parquet files, "
+            f"download.source {source!r}: is a file; expected a folder of Parquet files, "
             f"a datasets.save_to_disk folder or a hub dataset id"
+        )
+    if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+        raise SmpoError(
+            f"download.source {source!r}: no such folder ({path.resolve()}), and not a hub "
+            f"dataset id (namespace/name); give an existing folder of Parquet files, a "
+            f"datasets.save_to_disk folder or a hub id such as {CANONICAL_HUB_ID}"
         )
     return "hub"
 
 
-def iter_source(
-    source: str, split: str, revision: str | None = None, batch_rows: int = 256
-) -> Iterator[RowBatch]:
-    """Stream a Pick-a-Pic source as record batches; memory stays flat in the dataset size."""
-    kind = describe_source(source)
-    if kind == "parquet":
-        yield from _iter_parquet(Path(source), split, batch_rows)
-    elif kind == "save_to_disk":
-        yield from _iter_saved(Path(source), split, batch_rows)
-    else:
-        yield from _iter_hub(source, split, revision, batch_rows)
+def file_split(relative_path: str) -> str | None:
+    """The split a source file belongs to, from its name (`train-00000-of-00010.parquet`) or
+    its folder (`default/train/0000.parquet`, the hub's converted-Parquet layout)."""
+    parts = relative_path.split("/")
+    if match := _SPLIT_FILE.match(parts[-1]):
+        return match.group("split")
+    if len(parts) > 1 and parts[-2] in KNOWN_SPLITS:
+        return parts[-2]
+    return None
 
 
-def _iter_parquet(folder: Path, split: str, batch_rows: int) -> Iterator[RowBatch]:
-    files = _split_files(folder, split)
-    if not files:
+def select_split(relative_paths: Iterable[str], split: str, where: str) -> list[str]:
+    """The Parquet files of `split`, in order. Files that name no split are taken as the one
+    split of a folder that holds a single split."""
+    files = sorted(p for p in relative_paths if p.endswith(".parquet")
+                   and not any(part.startswith(".") for part in p.split("/")))
+    splits = {file_split(p) for p in files} - {None}
+    chosen = [p for p in files if file_split(p) == split] if splits else files
+    if not chosen:
+        has = f"it has split(s) {', '.join(sorted(splits))}" if splits else "it has none"
         raise SmpoError(
-            f"download.source {str(folder)!r}: no Parquet files for split {split!r}; expected "
+            f"download.source {where}: no Parquet files for split {split!r} ({has}); expected "
             f"files named {split}-NNNNN-of-NNNNN.parquet (the hub layout)"
         )
+    return chosen
+
+
+@dataclass
+class PickapicSource:
+    """A located source: its kind, the files of one split in order, and for the hub the commit
+    they are read at (so a resumed run reads the same snapshot)."""
+
+    kind: str
+    location: str
+    split: str
+    files: list[str]
+    revision: str | None = None
+    num_rows: int | None = None  # known for local sources
+
+    def batches(self, skip_rows: int = 0, batch_rows: int = BATCH_ROWS) -> Iterator[RowBatch]:
+        """The split's rows from row `skip_rows` on, in tables of at most `batch_rows` rows.
+        Whole files and row groups before `skip_rows` are skipped without reading their data
+        (Parquet), so resuming late in a large source is cheap."""
+        if self.kind == "save_to_disk":
+            return _arrow_batches(self.files, skip_rows, batch_rows)
+        if self.kind == "parquet":
+            return _parquet_batches(self.files, _open_local, skip_rows, batch_rows)
+        return _hub_batches(self, skip_rows, batch_rows)
+
+
+def open_source(source: str, split: str, revision: str | None = None) -> PickapicSource:
+    """Locate the files of `split` in `source` and check their columns (local sources: all of
+    them now, before anything is written; hub: each file as it is reached)."""
+    kind = describe_source(source)
+    if kind == "hub":
+        files, commit = _hub_files(source, split, revision)
+        return PickapicSource(kind, source, split, files, commit)
+    folder = Path(source).expanduser()
+    if kind == "parquet":
+        relative = [p.relative_to(folder).as_posix() for p in folder.rglob("*.parquet")]
+        files = [str(folder / p) for p in select_split(relative, split, repr(source))]
+        rows = 0
+        for file in files:
+            parquet = _parquet_file(file, file)
+            check_columns(parquet.schema_arrow, file)
+            rows += parquet.metadata.num_rows
+        return PickapicSource(kind, source, split, files, num_rows=rows)
+    files = _saved_files(folder, split)
     for file in files:
-        parquet = pq.ParquetFile(file)
-        check_columns(parquet.schema_arrow, str(file))
-        for batch in parquet.iter_batches(batch_size=batch_rows):
-            yield RowBatch(pa.Table.from_batches([batch]), str(file))
+        with pa.OSFile(file) as handle:
+            check_columns(pa.ipc.open_stream(handle).schema, file)
+    return PickapicSource(kind, source, split, files)
 
 
-def _iter_saved(folder: Path, split: str, batch_rows: int) -> Iterator[RowBatch]:
+def iter_source(
+    source: str, split: str, revision: str | None = None, batch_rows: int = BATCH_ROWS,
+    skip_rows: int = 0,
+) -> Iterator[RowBatch]:
+    """Stream a Pick-a-Pic source as tables; memory stays flat in the dataset size."""
+    return open_source(source, split, revision).batches(skip_rows, batch_rows)
+
+
+# --- reading rows ---------------------------------------------------------------------------
+
+
+def _slices(tables: Iterable[pa.Table | pa.RecordBatch], origin: str, start: int,
+            skip_rows: int, batch_rows: int) -> Iterator[RowBatch]:
+    """Cut tables whose first row is source row `start` into RowBatches, dropping rows before
+    `skip_rows`. The caller adds the tables' rows to its own count."""
+    for table in tables:
+        if isinstance(table, pa.RecordBatch):
+            table = pa.Table.from_batches([table])
+        first = max(0, skip_rows - start)
+        for offset in range(first, table.num_rows, batch_rows):
+            yield RowBatch(table.slice(offset, batch_rows), origin, start + offset)
+        start += table.num_rows
+
+
+def _parquet_file(handle: Any, origin: str) -> pq.ParquetFile:
+    try:
+        return pq.ParquetFile(handle)
+    except pa.ArrowInvalid as exc:
+        raise SmpoError(f"{origin}: not a readable Parquet file ({exc}); replace or remove "
+                        f"it") from exc
+
+
+def _open_local(file: str) -> Any:
+    return contextlib.nullcontext(file)  # a path: pyarrow reads local files natively
+
+
+def _parquet_batches(files: list[str], open_file: Callable[[str], Any], skip_rows: int,
+                     batch_rows: int, origin: Callable[[str], str] = str) -> Iterator[RowBatch]:
+    start = 0
+    for file in files:
+        with open_file(file) as handle:
+            parquet = _parquet_file(handle, origin(file))
+            meta = parquet.metadata
+            if start + meta.num_rows <= skip_rows:
+                start += meta.num_rows
+                continue
+            check_columns(parquet.schema_arrow, origin(file))
+            groups = []
+            for group in range(meta.num_row_groups):
+                rows = meta.row_group(group).num_rows
+                if start + rows <= skip_rows:
+                    start += rows
+                else:
+                    groups.append(group)
+            # The reader holds one row group at a time: memory is bounded by the largest row
+            # group, not by the file or the dataset.
+            tables = parquet.iter_batches(batch_size=batch_rows, row_groups=groups,
+                                          use_threads=False)
+            yield from _slices(tables, origin(file), start, skip_rows, batch_rows)
+            start += sum(meta.row_group(g).num_rows for g in groups)
+
+
+def _saved_files(folder: Path, split: str) -> list[str]:
+    """The Arrow files of `split` in a save_to_disk folder (a DatasetDict or one Dataset)."""
     import datasets
 
-    loaded = datasets.load_from_disk(str(folder))
+    try:
+        loaded = datasets.load_from_disk(str(folder))
+    except (FileNotFoundError, ValueError, KeyError, OSError) as exc:
+        raise SmpoError(
+            f"download.source {str(folder)!r}: not a readable datasets.save_to_disk folder "
+            f"({type(exc).__name__}: {exc})"
+        ) from exc
     if isinstance(loaded, datasets.DatasetDict):
         if split not in loaded:
             raise SmpoError(
@@ -148,30 +293,152 @@ def _iter_saved(folder: Path, split: str, batch_rows: int) -> Iterator[RowBatch]
                 f"it has {', '.join(loaded)}"
             )
         loaded = loaded[split]
-    table = loaded.data.table
-    check_columns(table.schema, str(folder))
-    for batch in table.to_batches(max_chunksize=batch_rows):
-        yield RowBatch(pa.Table.from_batches([batch]), str(folder))
+    elif loaded.split is not None and str(loaded.split) != split:
+        raise SmpoError(
+            f"download.source {str(folder)!r}: the saved dataset holds split "
+            f"{str(loaded.split)!r}, not {split!r}; set download.split={loaded.split} or save "
+            f"the split you want"
+        )
+    return [entry["filename"] for entry in loaded.cache_files]
 
 
-def _iter_hub(source: str, split: str, revision: str | None, batch_rows: int) -> Iterator[RowBatch]:
-    import datasets
+def _arrow_batches(files: list[str], skip_rows: int, batch_rows: int) -> Iterator[RowBatch]:
+    start = 0
+    for file in files:
+        # Read as a stream, not memory-mapped as `datasets` does: mapped pages stay resident
+        # once touched, so RSS would grow with the dataset.
+        with pa.OSFile(file) as handle:
+            reader = pa.ipc.open_stream(handle)
+            for batch in reader:
+                yield from _slices([batch], file, start, skip_rows, batch_rows)
+                start += batch.num_rows
+
+
+# --- the hub --------------------------------------------------------------------------------
+
+
+def _env_flag(name: str) -> bool:
+    return os.environ.get(name, "").strip().upper() in ("1", "ON", "YES", "TRUE")
+
+
+def is_transient(exc: BaseException) -> bool:
+    """Whether retrying could help: the network or the hub failed, not the input."""
+    from huggingface_hub.errors import HfHubHTTPError, OfflineModeIsEnabled
+
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if isinstance(exc, OfflineModeIsEnabled):
+            return False
+        if isinstance(exc, SourceUnreachable):
+            return True
+        if isinstance(exc, SmpoError):
+            return False
+        if isinstance(exc, HfHubHTTPError):
+            status = exc.response.status_code if exc.response is not None else None
+            return status in (408, 429) or (status is not None and status >= 500)
+        if isinstance(exc, ConnectionError | TimeoutError):
+            return True
+        # huggingface_hub talks through httpx (httpx2 in hub 2.x): its transport errors are
+        # not OSErrors, so they are recognised by class name.
+        if any(cls.__module__.split(".")[0].startswith("httpx")
+               and cls.__name__ in ("TransportError", "TimeoutException")
+               for cls in type(exc).__mro__):
+            return True
+        exc = exc.__cause__ or exc.__context__
+    return False
+
+
+def _hub_advice(source: str, mirror: bool = True) -> str:
+    local = (f"a local folder of Pick-a-Pic Parquet files in the published layout "
+             f"(data/<split>-NNNNN-of-NNNNN.parquet) or a datasets.save_to_disk folder "
+             f"(there is no local folder {Path(source).resolve()})")
+    if not mirror:
+        return f"point download.source at {local}"
+    return (f"point download.source at a mirror dataset id (or set HF_ENDPOINT to a hub "
+            f"mirror), or at {local}")
+
+
+def _hub_error(source: str, revision: str | None, exc: BaseException) -> SmpoError:
+    """What a hub failure means for the user: gone, gated, no such revision, or unreachable."""
+    from huggingface_hub import constants
+    from huggingface_hub.errors import (
+        DisabledRepoError,
+        GatedRepoError,
+        OfflineModeIsEnabled,
+        RepositoryNotFoundError,
+        RevisionNotFoundError,
+    )
+
+    what = f"download.source {source!r}"
+    why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    if isinstance(exc, OfflineModeIsEnabled):
+        return SmpoError(f"{what}: offline mode is on (HF_HUB_OFFLINE), so the hub cannot be "
+                         f"read; unset it, or {_hub_advice(source, mirror=False)}")
+    if isinstance(exc, GatedRepoError):
+        return SmpoError(f"{what}: the hub dataset is gated ({why}); accept its terms on the "
+                         f"hub and set HF_TOKEN, or {_hub_advice(source)}")
+    if isinstance(exc, RevisionNotFoundError):
+        return SmpoError(f"{what}: revision {revision!r} not found on the hub ({why}); set "
+                         f"download.revision to an existing branch, tag or commit")
+    if isinstance(exc, RepositoryNotFoundError | DisabledRepoError):
+        canonical = (" (the canonical Pick-a-Pic v2 repo has been reported unavailable)"
+                     if source == CANONICAL_HUB_ID else "")
+        return SmpoError(f"{what}: the hub at {constants.ENDPOINT} answers that this dataset "
+                         f"is gone or not accessible{canonical} ({why}); {_hub_advice(source)}")
+    if is_transient(exc):
+        return SourceUnreachable(
+            f"{what}: the hub at {constants.ENDPOINT} is unreachable or failing ({why}); a "
+            f"retry may help if the network is flaky, else {_hub_advice(source)}")
+    return SmpoError(f"{what}: the hub dataset could not be read ({why}); "
+                     f"{_hub_advice(source)}")
+
+
+def _hub_files(source: str, split: str, revision: str | None) -> tuple[list[str], str]:
+    """The split's Parquet files in hub dataset `source` and the commit `revision` is at.
+
+    One API call, with huggingface_hub's metadata timeout (HF_HUB_ETAG_TIMEOUT, 10 s) and no
+    retries, so an unreachable or offline hub fails in seconds, not minutes.
+    """
+    from huggingface_hub import HfApi, constants
+    from huggingface_hub.errors import OfflineModeIsEnabled
 
     try:
-        stream = datasets.load_dataset(source, split=split, revision=revision, streaming=True)
-        for rows in stream.iter(batch_size=batch_rows):
-            table = pa.Table.from_pydict(rows)
-            check_columns(table.schema, f"hub dataset {source}")
-            yield RowBatch(table, f"hub dataset {source}")
+        if constants.HF_HUB_OFFLINE or _env_flag("HF_DATASETS_OFFLINE"):
+            raise OfflineModeIsEnabled("HF_HUB_OFFLINE or HF_DATASETS_OFFLINE is set")
+        info = HfApi().dataset_info(source, revision=revision,
+                                    timeout=constants.HF_HUB_ETAG_TIMEOUT)
+    except Exception as exc:
+        raise _hub_error(source, revision, exc) from exc
+    names = [sibling.rfilename for sibling in info.siblings or []]
+    where = f"{source!r} (hub, commit {info.sha})"
+    return select_split(names, split, where), info.sha
+
+
+def _hub_batches(source: PickapicSource, skip_rows: int, batch_rows: int) -> Iterator[RowBatch]:
+    """The hub files, streamed by HTTP range reads of the row groups still needed."""
+    from huggingface_hub import HfFileSystem
+
+    filesystem = HfFileSystem()
+    root = f"datasets/{source.location}@{source.revision}"
+
+    def open_file(name: str) -> Any:
+        return filesystem.open(f"{root}/{name}", "rb")
+
+    def origin(name: str) -> str:
+        return f"hf://{root}/{name}"
+
+    try:
+        yield from _parquet_batches(source.files, open_file, skip_rows, batch_rows, origin)
     except SmpoError:
         raise
-    except (ConnectionError, OSError, FileNotFoundError, ValueError) as exc:
-        raise SmpoError(
-            f"download.source {source!r}: the hub dataset could not be read "
-            f"({type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}); the "
-            f"canonical Pick-a-Pic v2 repo has been reported unavailable: set download.source "
-            f"to a mirror id, a folder of Parquet files or a datasets.save_to_disk folder"
-        ) from exc
+    except Exception as exc:
+        if is_transient(exc) or isinstance(exc, OSError):
+            raise _hub_error(source.location, source.revision, exc) from exc
+        raise
+
+
+# --- filtering and writing shards -----------------------------------------------------------
 
 
 def jpeg_error(data: bytes | None) -> str | None:
@@ -189,28 +456,37 @@ def jpeg_error(data: bytes | None) -> str | None:
     return None
 
 
-def _pair_row(row: dict) -> dict:
-    """A source row in PAIRS_SCHEMA's columns, optional published columns filled."""
-    out = {}
-    for name in PAIRS_SCHEMA.names:
-        source = "ranking_id" if name == "pair_id" else name
-        out[name] = row.get(source, OPTIONAL_DEFAULTS.get(source))
-    return out
-
-
 def classify(row: dict, seen_pairs: set[int]) -> tuple[str | None, list[tuple[str, str]]]:
-    """Why a source row cannot train (a DROP_REASONS entry) or None, plus JPEG errors found."""
-    if not row["has_label"]:
+    """Why a source row cannot train (a DROP_REASONS entry) or None, plus JPEG errors found.
+
+    `row` holds the `_CLASSIFY_COLUMNS` present in the source and `jpg_0`, `jpg_1`;
+    `seen_pairs` the ids of the pairs kept so far.
+    """
+    label = row["label_0"]
+    if not row["has_label"] or label is None or math.isnan(label):
         return "no_label", []
-    if row["label_0"] == 0.5:
+    if label == 0.5:
         return "tie", []
-    if (row["image_0_uid"] == row["image_1_uid"] or row["jpg_0"] == row["jpg_1"]
-            or row.get("are_different") is False):
+    if row["image_0_uid"] == row["image_1_uid"] or row.get("are_different") is False:
+        return "identical", []
+    if row["jpg_0"] == row["jpg_1"]:
         return "identical", []
     if row["ranking_id"] in seen_pairs:
         return "duplicate_pair", []
     errors = [(f"jpg_{i}", err) for i in (0, 1) if (err := jpeg_error(row[f"jpg_{i}"]))]
     return ("corrupt_jpeg", errors) if errors else (None, [])
+
+
+def _to_pairs(table: pa.Table) -> pa.Table:
+    """Source rows in PAIRS_SCHEMA, optional published columns filled with their defaults."""
+    columns = []
+    for target in PAIRS_SCHEMA:
+        name = "ranking_id" if target.name == "pair_id" else target.name
+        if name in table.column_names:
+            columns.append(table.column(name).cast(target.type))
+        else:
+            columns.append(pa.array([OPTIONAL_DEFAULTS[name]] * table.num_rows, target.type))
+    return pa.Table.from_arrays(columns, schema=PAIRS_SCHEMA)
 
 
 @dataclass
@@ -224,21 +500,71 @@ class DownloadProgress:
 
     @classmethod
     def load(cls, folder: Path) -> DownloadProgress:
-        file = folder / PROGRESS
+        file = Path(folder) / PROGRESS
         if not file.is_file():
             return cls()
         data = json.loads(file.read_text())
         return cls(data["shards"], data["source_rows"], data["pairs"], Counter(data["dropped"]))
 
     def save(self, folder: Path) -> None:
-        write_json(folder / PROGRESS, {
+        write_json(Path(folder) / PROGRESS, {
             "shards": self.shards, "source_rows": self.source_rows, "pairs": self.pairs,
             "dropped": dict(self.dropped),
         })
 
 
+def _shard_name(kind: str, index: int) -> str:
+    return f"{kind}-{index:05d}.parquet"
+
+
+class _ShardWriter:
+    """One shard's pairs and quarantine files, written row group by row group under partial
+    names and renamed into place only when the shard is complete."""
+
+    def __init__(self, out_dir: Path, index: int):
+        self.out_dir, self.index = out_dir, index
+        self.pairs = self._writer("pairs", PAIRS_SCHEMA, _DICTIONARY_COLUMNS)
+        self.quarantine: pq.ParquetWriter | None = None
+        self.rows = 0
+        self.dropped: Counter = Counter()
+
+    def _partial(self, kind: str) -> Path:
+        return self.out_dir / f".{_shard_name(kind, self.index)}.partial"
+
+    def _writer(self, kind: str, schema: pa.Schema, dictionary: list[str]) -> pq.ParquetWriter:
+        return pq.ParquetWriter(self._partial(kind), schema, use_dictionary=dictionary)
+
+    def write(self, pairs: pa.Table, quarantine: list[dict]) -> None:
+        """Append source rows that passed (as one row group) and quarantined images."""
+        if pairs.num_rows:
+            self.pairs.write_table(_to_pairs(pairs))
+            self.rows += pairs.num_rows
+        if quarantine:
+            if self.quarantine is None:
+                self.quarantine = self._writer("quarantine", QUARANTINE_SCHEMA, ["image"])
+            self.quarantine.write_table(pa.Table.from_pylist(quarantine, QUARANTINE_SCHEMA))
+
+    def commit(self) -> None:
+        self.pairs.close()
+        kinds = ["pairs"]
+        if self.quarantine is not None:
+            self.quarantine.close()
+            kinds.insert(0, "quarantine")
+        for kind in kinds:
+            os.replace(self._partial(kind), self.out_dir / _shard_name(kind, self.index))
+
+
+def _forget_incomplete(out_dir: Path, shards: int) -> None:
+    """Remove what a killed run left beyond its last complete shard: partial files, and a
+    shard renamed into place whose progress.json update never happened."""
+    for file in out_dir.iterdir():
+        shard = re.fullmatch(r"(pairs|quarantine)-(\d+)\.parquet", file.name)
+        if file.name.endswith(".partial") or (shard and int(shard.group(2)) >= shards):
+            file.unlink()
+
+
 def download_pairs(
-    batches: Iterator[RowBatch],
+    batches: Iterable[RowBatch],
     out_dir: Path,
     shard_rows: int,
     max_pairs: int | None = None,
@@ -246,78 +572,82 @@ def download_pairs(
 ) -> DownloadProgress:
     """Filter source rows into `pairs-NNNNN.parquet` shards of `shard_rows` usable pairs.
 
-    Resumes: shards already written (recorded in progress.json after each shard) are kept and
-    the source rows they account for are skipped, so a killed run ends with exactly the rows a
-    clean run writes.
+    Rows dropped while a shard fills are counted with it; their undecodable JPEGs go to
+    `quarantine-NNNNN.parquet` beside it. Resumes: shards already committed (recorded in
+    progress.json after each) are kept and the source rows they account for are skipped, so a
+    killed run ends with exactly the rows a clean run writes. `batches` may start anywhere up
+    to the first row not yet accounted for (`RowBatch.start`), e.g. from
+    `PickapicSource.batches(skip_rows=DownloadProgress.load(out_dir).source_rows)`.
     """
+    out_dir = Path(out_dir)
     out_dir.mkdir(parents=True, exist_ok=True)
     state = DownloadProgress.load(out_dir)
-    resume_at = state.source_rows
+    _forget_incomplete(out_dir, state.shards)
     seen_pairs = _seen_pair_ids(out_dir, state.shards)
-    pending: list[dict] = []
-    quarantine: list[dict] = []
-    dropped: Counter = Counter()
-    position = 0
+    shard: _ShardWriter | None = None  # the shard being filled
+    next_row = 0  # source index of the row after the last one read
 
-    def flush() -> None:
-        _write_parquet(out_dir / f"pairs-{state.shards:05d}.parquet",
-                       pa.Table.from_pylist(pending, PAIRS_SCHEMA))
-        _write_parquet(out_dir / f"quarantine-{state.shards:05d}.parquet",
-                       pa.Table.from_pylist(quarantine, QUARANTINE_SCHEMA))
+    def commit(position: int) -> None:
+        nonlocal shard
+        assert shard is not None
+        shard.commit()
         state.shards += 1
-        state.pairs += len(pending)
+        state.pairs += shard.rows
         state.source_rows = position
-        state.dropped.update(dropped)
+        state.dropped.update(shard.dropped)
         state.save(out_dir)
-        pending.clear()
-        quarantine.clear()
-        dropped.clear()
+        shard = None
         if on_progress:
             on_progress(state)
 
-    def full() -> bool:
-        return max_pairs is not None and state.pairs + len(pending) >= max_pairs
-
-    for batch in batches:
-        if position + batch.table.num_rows <= resume_at:
-            position += batch.table.num_rows
-            continue
-        for row in batch.table.to_pylist():
-            if full():
-                break
-            position += 1
-            if position <= resume_at:
-                continue
+    done = max_pairs is not None and state.pairs >= max_pairs
+    for batch in ([] if done else batches):
+        start = next_row if batch.start is None else batch.start
+        if start > max(next_row, state.source_rows):
+            raise ValueError(f"{batch.origin}: rows {max(next_row, state.source_rows)} to "
+                             f"{start - 1} of the source are missing from the batches")
+        skip = max(0, state.source_rows - start)
+        table, start = batch.table.slice(skip), start + skip
+        next_row = start + table.num_rows
+        images = {name: table.column(name) for name in ("jpg_0", "jpg_1")}
+        columns = [c for c in _CLASSIFY_COLUMNS if c in table.column_names]
+        kept: list[int] = []  # rows of `table` for the shard, not yet written to it
+        quarantine: list[dict] = []
+        for i, row in enumerate(table.select(columns).to_pylist()):
+            shard = shard or _ShardWriter(out_dir, state.shards)
+            row |= {name: column[i].as_py() for name, column in images.items()}
             reason, errors = classify(row, seen_pairs)
             if reason is None:
                 seen_pairs.add(row["ranking_id"])
-                pending.append(_pair_row(row))
+                kept.append(i)
             else:
-                dropped[reason] += 1
-                quarantine.extend(
-                    {"pair_id": row["ranking_id"], "image": image, "error": err, "jpg": row[image]}
-                    for image, err in errors
-                )
-            if len(pending) == shard_rows:
-                flush()
-        if full():
+                shard.dropped[reason] += 1
+                quarantine += [{"pair_id": row["ranking_id"], "image": image, "error": error,
+                                "jpg": row[image]} for image, error in errors]
+            done = max_pairs is not None and state.pairs + shard.rows + len(kept) >= max_pairs
+            if done or shard.rows + len(kept) == shard_rows:
+                shard.write(table.take(pa.array(kept, pa.int64())), quarantine)
+                kept, quarantine = [], []
+                commit(start + i + 1)
+                if done:
+                    break
+        if shard is not None:
+            shard.write(table.take(pa.array(kept, pa.int64())), quarantine)
+        if done:
             break
-    if pending or dropped or state.shards == 0:
-        flush()
+    if shard is not None or state.shards == 0:
+        # The rows after the last full shard; or, for an empty source, one empty shard.
+        shard = shard or _ShardWriter(out_dir, state.shards)
+        commit(next_row)
     return state
 
 
 def _seen_pair_ids(out_dir: Path, shards: int) -> set[int]:
     seen: set[int] = set()
     for i in range(shards):
-        table = pq.read_table(out_dir / f"pairs-{i:05d}.parquet", columns=["pair_id"])
+        table = pq.read_table(out_dir / _shard_name("pairs", i), columns=["pair_id"])
         seen.update(table.column("pair_id").to_pylist())
     return seen
-
-
-def _write_parquet(target: Path, table: pa.Table) -> None:
-    with atomic_path(target) as tmp:
-        pq.write_table(table, tmp)
 
 
 def pair_shards(folder: Path) -> list[Path]:
@@ -325,7 +655,13 @@ def pair_shards(folder: Path) -> list[Path]:
     return sorted(Path(folder).glob("pairs-*.parquet"))
 
 
+def quarantine_files(folder: Path) -> list[Path]:
+    """The side files of undecodable JPEGs a download stage wrote, in order."""
+    return sorted(Path(folder).glob("quarantine-*.parquet"))
+
+
 def iter_pairs(folder: Path, columns: list[str] | None = None,
                batch_rows: int = 256) -> Iterator[pa.RecordBatch]:
+    """The pairs a completed download stage wrote, in order, as record batches."""
     for shard in pair_shards(folder):
         yield from pq.ParquetFile(shard).iter_batches(batch_size=batch_rows, columns=columns)

@@ -2,61 +2,102 @@
 
 from __future__ import annotations
 
+import json
 from typing import Any
 
+import pyarrow.parquet as pq
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from smpo_core.pickapic import describe_source, download_pairs, iter_source
-from smpo_core.store import folder_size
+from smpo_core.errors import SmpoError
+from smpo_core.pickapic import (
+    DROP_REASONS,
+    DownloadProgress,
+    PickapicSource,
+    download_pairs,
+    is_transient,
+    open_source,
+    quarantine_files,
+)
+from smpo_core.store import folder_size, write_json
 from stages.common import RunContext, StageResult, StageRun, run_stage
 
-VERSION = "1"
+VERSION = "2"
+# Written before the first shard: a resumed run reads the same hub commit as the killed one.
+SOURCE = "source.json"
+
+
+def _open(run: StageRun) -> PickapicSource:
+    cfg = run.settings.download
+    location = run.ctx.resolve(cfg.source)
+    pinned = run.out_dir / SOURCE
+    revision = json.loads(pinned.read_text())["revision"] if pinned.is_file() else None
+    source = open_source(location, cfg.split, revision or cfg.revision)
+    if not pinned.is_file():
+        write_json(pinned, {"kind": source.kind, "location": source.location,
+                            "split": source.split, "revision": source.revision,
+                            "files": source.files})
+    return source
 
 
 def compute(run: StageRun) -> dict[str, Any]:
     cfg = run.settings.download
-    source = run.ctx.resolve(cfg.source)
-    kind = describe_source(source)
-    run.log("reading %s (%s), split %s", source, kind, cfg.split)
-    progress = run.progress(total=cfg.max_pairs or 0, unit="pairs")
-    seen = {"pairs": 0}
+    source = _open(run)
+    resume = DownloadProgress.load(run.out_dir)
+    at = f" at {source.revision}" if source.revision else ""
+    run.log("reading %s (%s%s), split %s: %d files", source.location, source.kind, at,
+            source.split, len(source.files))
+    if resume.shards:
+        run.log("resuming after %d complete shards (%d source rows, %d pairs)",
+                resume.shards, resume.source_rows, resume.pairs)
+    # Progress in pairs when capped, else in source rows (known up front for local sources).
+    by_pairs = cfg.max_pairs is not None
+    progress = run.progress(total=cfg.max_pairs if by_pairs else source.num_rows or 0,
+                            unit="pairs" if by_pairs else "rows")
+    shown = {"done": resume.pairs if by_pairs else resume.source_rows}
+    progress.update(shown["done"])
 
-    def on_shard(state) -> None:
-        progress.update(state.pairs - seen["pairs"])
-        seen["pairs"] = state.pairs
-        run.tracker.metrics({"pairs": state.pairs, "source_rows": state.source_rows},
+    def on_shard(state: DownloadProgress) -> None:
+        done = state.pairs if by_pairs else state.source_rows
+        progress.update(done - shown["done"])
+        shown["done"] = done
+        run.tracker.metrics({"pairs": state.pairs, "source_rows": state.source_rows}
+                            | {f"dropped.{k}": v for k, v in state.dropped.items()},
                             step=state.shards)
 
-    state = download_pairs(iter_source(source, cfg.split, cfg.revision), run.out_dir,
+    state = download_pairs(source.batches(skip_rows=resume.source_rows), run.out_dir,
                            cfg.shard_rows, cfg.max_pairs, on_progress=on_shard)
     progress.close()
-    dropped = {reason: int(state.dropped.get(reason, 0))
-               for reason in ("no_label", "tie", "identical", "corrupt_jpeg", "duplicate_pair")}
-    return {"source": cfg.source, "source_kind": kind, "split": cfg.split,
-            "source_rows": state.source_rows, "pairs": state.pairs, "shards": state.shards,
-            "dropped": dropped, "quarantined_images": _quarantined(run),
+    dropped = {reason: int(state.dropped.get(reason, 0)) for reason in DROP_REASONS}
+    if state.pairs == 0:
+        raise SmpoError(
+            f"download.source {cfg.source!r}, split {cfg.split!r}: no usable pairs in "
+            f"{state.source_rows} source rows (dropped: {dropped}); check download.split and "
+            f"that the source holds labelled Pick-a-Pic pairs"
+        )
+    side_files = quarantine_files(run.out_dir)
+    return {"source": cfg.source, "source_kind": source.kind, "source_location": source.location,
+            "source_revision": source.revision, "source_files": len(source.files),
+            "split": cfg.split, "source_rows": state.source_rows, "pairs": state.pairs,
+            "shards": state.shards, "dropped": dropped,
+            "quarantined_images": sum(pq.read_metadata(f).num_rows for f in side_files),
+            "quarantine_files": [f.name for f in side_files],
             "bytes": folder_size(run.out_dir)}
 
 
-def _quarantined(run: StageRun) -> int:
-    import pyarrow.parquet as pq
-
-    return sum(pq.read_metadata(f).num_rows for f in run.out_dir.glob("quarantine-*.parquet"))
+def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
+    """Prefect's `retry_condition_fn`: retry network failures (the rerun resumes after the last
+    complete shard); bad input, a gone dataset or offline mode fail at once."""
+    error = state.data if isinstance(state.data, BaseException) else None
+    if error is None:
+        try:
+            state.result()
+        except Exception as exc:
+            error = exc
+    return error is not None and is_transient(error)
 
 
 @task(name="download", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
-      retry_condition_fn=lambda task, run, state: _transient(state))
+      retry_condition_fn=retry_if_transient)
 def download_stage(ctx: RunContext, force: bool = False) -> StageResult:
     return run_stage(ctx, "download", VERSION, {}, compute, force)
-
-
-def _transient(state) -> bool:
-    """Retry network hiccups only; bad input fails at once."""
-    try:
-        state.result()
-    except (ConnectionError, TimeoutError):
-        return True
-    except Exception:
-        return False
-    return False
