@@ -61,6 +61,20 @@ def win_rate_bars(target: Path, summary: dict[str, dict]) -> Path:
     return _save(fig, target)
 
 
+def score_distributions(target: Path, base: dict[str, np.ndarray],
+                        tuned: dict[str, np.ndarray]) -> Path:
+    """Per metric, the per-prompt scores of base and tuned side by side (box and points)."""
+    names = list(base)
+    fig, axes = plt.subplots(1, len(names), figsize=(2.8 * len(names) + 0.5, 3.2))
+    for ax, name in zip(np.atleast_1d(axes), names, strict=True):
+        ax.boxplot([base[name], tuned[name]], tick_labels=["base", "tuned"], widths=0.5)
+        for x, values in ((1, base[name]), (2, tuned[name])):
+            ax.scatter(np.full(len(values), x) + np.linspace(-0.12, 0.12, len(values)), values,
+                       s=8, alpha=0.6, color="#4C72B0" if x == 1 else "#DD8452")
+        ax.set_title(name)
+    return _save(fig, target)
+
+
 def _data_uri(path: Path) -> str:
     return "data:image/png;base64," + base64.b64encode(Path(path).read_bytes()).decode()
 

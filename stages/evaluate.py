@@ -21,7 +21,7 @@ from smpo_core.evaluation import (
     summarise,
 )
 from smpo_core.models import resolve_device, resolve_dtype
-from smpo_core.report import evaluation_report, win_rate_bars
+from smpo_core.report import evaluation_report, score_distributions, win_rate_bars
 from smpo_core.rewards import load_reward_model
 from smpo_core.store import atomic_path, write_json
 from stages.common import RunContext, StageResult, StageRun, run_stage
@@ -87,10 +87,12 @@ def _write_outputs(run: StageRun, prompts: list[str], images: dict, scores: dict
     with atomic_path(out / "grid.png") as tmp:
         grid.save(tmp, format="PNG")
     bars = win_rate_bars(out / "win_rates.png", summary)
+    spread = score_distributions(out / "scores.png", scores["base"], scores["tuned"])
     evaluation_report(out / "report.html", summary, record,
-                      {"Win rates": bars, "Base vs tuned (same seed per row)": out / "grid.png"})
+                      {"Win rates": bars, "Per-prompt scores": spread,
+                       "Base vs tuned (same seed per row)": out / "grid.png"})
     run.artifacts += [out / "summary.json", out / "scores.parquet", out / "grid.png", bars,
-                      out / "report.html"]
+                      spread, out / "report.html"]
 
 
 @task(name="evaluate", cache_policy=NO_CACHE)
