@@ -88,9 +88,12 @@ def _write_outputs(run: StageRun, prompts: list[str], images: dict, scores: dict
         grid.save(tmp, format="PNG")
     bars = win_rate_bars(out / "win_rates.png", summary)
     spread = score_distributions(out / "scores.png", scores["base"], scores["tuned"])
-    evaluation_report(out / "report.html", summary, record,
-                      {"Win rates": bars, "Per-prompt scores": spread,
-                       "Base vs tuned (same seed per row)": out / "grid.png"})
+    figures = {"Win rates": bars, "Per-prompt scores": spread,
+               "Base vs tuned (same seed per row)": out / "grid.png"}
+    curves = run.input_dir("train") / "training.png"
+    if curves.is_file():
+        figures["Training (loss, implicit accuracy, MSEs per step)"] = curves
+    evaluation_report(out / "report.html", summary, record, figures)
     run.artifacts += [out / "summary.json", out / "scores.parquet", out / "grid.png", bars,
                       spread, out / "report.html"]
 
