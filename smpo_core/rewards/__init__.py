@@ -1,4 +1,12 @@
-"""Reward models by kind. To add one: subclass RewardModel and register its loader here."""
+"""Reward models by kind. To add one: subclass RewardModel and register its loader here.
+
+| kind | checkpoint | processor |
+|---|---|---|
+| pickscore, clipscore | CLIP folder or hub id | CLIP processor, if not the checkpoint's |
+| hpsv2 | HPS_v2(.1)_compressed.pt | CLIP tokenizer (None: open-clip-torch's BPE) |
+| imagereward | ImageReward.pt | bert-base-uncased tokenizer folder |
+| aesthetic | sac+logos+ava1-l14-linearMSE.pth | CLIP ViT-L/14 folder or hub id |
+"""
 
 from __future__ import annotations
 
@@ -7,33 +15,53 @@ from pathlib import Path
 import torch
 
 from smpo_core.errors import SmpoError
+from smpo_core.rewards.aesthetic import AESTHETIC_FORMAT, LaionAesthetic
 from smpo_core.rewards.base import RewardModel, checkpoint_hash
 from smpo_core.rewards.clip import ClipScore, PickScore
+from smpo_core.rewards.hpsv2 import OPEN_CLIP_FORMAT, HPSv2
+from smpo_core.rewards.imagereward import IMAGEREWARD_FORMAT, ImageReward
 
 REWARD_MODELS: dict[str, type[RewardModel]] = {
     "pickscore": PickScore,
     "clipscore": ClipScore,
+    "hpsv2": HPSv2,
+    "imagereward": ImageReward,
+    "aesthetic": LaionAesthetic,
+}
+
+_EXPECTED = {
+    "hpsv2": OPEN_CLIP_FORMAT,
+    "imagereward": IMAGEREWARD_FORMAT,
+    "aesthetic": AESTHETIC_FORMAT,
 }
 
 __all__ = ["REWARD_MODELS", "RewardModel", "checkpoint_hash", "load_reward_model"]
 
 
 def load_reward_model(
-    kind: str, checkpoint: str, device: torch.device, processor: str | None = None
+    kind: str, checkpoint: str, device: torch.device, processor: str | None = None,
+    cache_dir: Path | None = None,
 ) -> RewardModel:
-    """Load a reward model by kind; a missing path or unreachable hub id names both."""
+    """Load a reward model by kind; a missing path or unreachable hub id names both.
+
+    `cache_dir` keeps checkpoint conversions (HPSv2's open_clip -> transformers) between loads;
+    None converts in memory on every load.
+    """
     if kind not in REWARD_MODELS:
         raise SmpoError(
             f"reward model {kind!r}: unknown kind; expected one of {', '.join(REWARD_MODELS)}"
         )
     looks_local = checkpoint.startswith((".", "/", "~")) or Path(checkpoint).exists()
-    if looks_local and not Path(checkpoint).exists():
+    if looks_local and not Path(checkpoint).expanduser().exists():
         raise SmpoError(f"reward model {kind}: checkpoint {checkpoint!r} does not exist")
+    model_class = REWARD_MODELS[kind]
+    extra = {"cache_dir": cache_dir} if getattr(model_class, "converts_checkpoint", False) else {}
     try:
-        return REWARD_MODELS[kind](checkpoint, device, processor=processor)
+        return model_class(checkpoint, device, processor=processor, **extra)
     except (OSError, ValueError) as exc:
         first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
+        expected = _EXPECTED.get(kind, "a transformers CLIP folder or a hub id reachable from here")
         raise SmpoError(
             f"reward model {kind}: could not load {checkpoint!r} (processor {processor!r}): "
-            f"{first}. Expected a transformers CLIP folder or a hub id reachable from here"
+            f"{first}. Expected {expected}"
         ) from exc

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import functools
 import hashlib
 from abc import ABC, abstractmethod
 from collections.abc import Callable, Sequence
@@ -23,9 +24,10 @@ class RewardModel(ABC):
         self.checkpoint = checkpoint
         self.device = device
 
-    @property
+    @functools.cached_property
     def version(self) -> str:
-        """A short hash that identifies the weights (so labels say what scored them)."""
+        """A short hash that identifies the weights (so labels say what scored them); hashed
+        once, since a real checkpoint is gigabytes."""
         return checkpoint_hash(self.checkpoint)
 
     @abstractmethod
