@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean-store
+.PHONY: install demo test lint clean-store reference-check
 
 install: $(STAMP)
 
@@ -14,6 +14,9 @@ $(STAMP): pyproject.toml
 	$(PYTHON) -m venv $(VENV)
 	$(BIN)/pip install --quiet --upgrade pip
 	$(BIN)/pip install --quiet -e '.[dev]'
+	# Only for the real CLIP BPE vocabulary file it ships (HPSv2's tokenizer): never imported,
+	# so none of its dependencies (torchvision, timm) are wanted.
+	$(BIN)/pip install --quiet --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
 
 demo: install
@@ -27,3 +30,19 @@ test: install lint
 
 clean-store:
 	rm -rf smpo-store
+
+# Our HPSv2 / ImageReward / aesthetic ports against the reference packages (hpsv2x,
+# image-reward) in a throwaway venv: same scores to 1e-4 on small random checkpoints.
+reference-check: install
+	bash bench/reference_check.sh
+
+# A local Prefect server (UI :4200), work pool, worker and MLflow server (UI :5000) on the store,
+# with the deployments of prefect.yaml registered; `make stop` ends exactly what it started.
+# Environment: SMPO_STORE, SMPO_PREFECT_PORT, SMPO_MLFLOW_PORT, SMPO_WORK_POOL (flows/serve.py).
+.PHONY: serve stop
+
+serve: install
+	$(BIN)/python -m flows.serve start
+
+stop:
+	$(BIN)/python -m flows.serve stop

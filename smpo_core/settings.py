@@ -78,7 +78,8 @@ class DownloadSettings(Section):
 
 class ScoreSettings(Section):
     reward_model: str = Field(
-        "pickscore", description="Reward model kind: pickscore | clipscore | hpsv2 | imagereward."
+        "pickscore",
+        description="Reward model kind: pickscore | hpsv2 | imagereward | aesthetic | clipscore.",
     )
     checkpoint: str = Field(
         "yuvalkirstain/PickScore_v1", description="Hub id, local folder or checkpoint file."
@@ -154,12 +155,19 @@ class EvaluateSettings(Section):
     metrics: dict[str, str] = Field(
         default_factory=lambda: {
             "pickscore": "yuvalkirstain/PickScore_v1",
+            "hpsv2": "xswu/HPSv2/HPS_v2.1_compressed.pt",
+            "imagereward": "THUDM/ImageReward/ImageReward.pt",
+            "aesthetic": "sac+logos+ava1-l14-linearMSE.pth",
             "clipscore": "openai/clip-vit-large-patch14",
         },
         description="Metric kind -> checkpoint (hub id, local folder or file).",
     )
     metric_processors: dict[str, str] = Field(
-        default_factory=lambda: {"pickscore": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K"},
+        default_factory=lambda: {
+            "pickscore": "laion/CLIP-ViT-H-14-laion2B-s32B-b79K",
+            "imagereward": "bert-base-uncased",
+            "aesthetic": "openai/clip-vit-large-patch14",
+        },
         description="Metric kind -> processor, where it differs from the checkpoint.",
     )
     batch_size: int = _runtime(4, "Prompts per generation batch.")

@@ -12,7 +12,7 @@ import json
 import os
 import shutil
 import tempfile
-from collections.abc import Iterator
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -99,6 +99,34 @@ class Store:
         """Mark a stage output complete by writing its manifest, last and atomically."""
         write_json(self.stage_dir(stage, key) / MANIFEST, manifest)
         return manifest
+
+
+def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
+    """A folder built once (a tiny model, a converted checkpoint): `build` fills a private
+    sibling folder that is then renamed into place, so a crash never leaves a half-written
+    folder that looks complete. A folder that already has `marker` is returned as it is."""
+    target = Path(target)
+    if (target / marker).exists():
+        return target
+    if target.exists() and any(target.iterdir()):
+        raise FileExistsError(f"{target} is not empty but has no {marker}, so it is not a "
+                              "complete build: remove it or choose another folder")
+    target.parent.mkdir(parents=True, exist_ok=True)
+    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
+    shutil.rmtree(partial, ignore_errors=True)
+    partial.mkdir()
+    try:
+        build(partial)
+        if target.exists():
+            target.rmdir()  # empty, checked above
+        try:
+            partial.rename(target)
+        except OSError:
+            if not (target / marker).exists():  # else a concurrent builder finished first
+                raise
+    finally:
+        shutil.rmtree(partial, ignore_errors=True)
+    return target
 
 
 def folder_size(path: Path) -> int:

@@ -11,13 +11,10 @@ from __future__ import annotations
 
 import io
 import itertools
-import json
-import os
 import random
-import shutil
 import uuid
 from collections import Counter
-from collections.abc import Callable, Iterable
+from collections.abc import Iterable
 from datetime import datetime, timedelta
 from pathlib import Path
 from typing import TYPE_CHECKING, NamedTuple
@@ -27,6 +24,7 @@ import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
 from smpo_core.schema import PICKAPIC_SCHEMA
+from smpo_core.store import atomic_path, build_once, write_json
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -269,13 +267,6 @@ def _pickapic_rows(num_pairs: int, rng: random.Random) -> list[dict]:
     return rows
 
 
-def _write_atomically(path: Path, write: Callable[[Path], None]) -> None:
-    """Readers never see a half-written file: write beside it, then rename over it."""
-    partial = path.with_name(f".{path.name}.partial")
-    write(partial)
-    partial.replace(path)
-
-
 def write_synthetic_pickapic(out_dir: Path, num_pairs: int = 320, seed: int = 0,
                              split: str = "train", num_files: int = 2) -> list[Path]:
     """Write a Pick-a-Pic v2 split in the hub layout `out_dir/data/{split}-XXXXX-of-NNNNN.parquet`.
@@ -295,14 +286,14 @@ def write_synthetic_pickapic(out_dir: Path, num_pairs: int = 320, seed: int = 0,
         shard = rows[i * num_pairs // num_files:(i + 1) * num_pairs // num_files]
         table = pa.Table.from_pylist(shard, schema=PICKAPIC_SCHEMA)
         path = data_dir / f"{split}-{i:05d}-of-{num_files:05d}.parquet"
-        _write_atomically(path, lambda p, t=table: pq.write_table(t, p))
+        with atomic_path(path) as tmp:
+            pq.write_table(table, tmp)
         paths.append(path)
     # Shards of an earlier call with another num_files would otherwise be read as extra rows.
     for stale in set(data_dir.glob(f"{split}-*-of-*.parquet")) - set(paths):
         stale.unlink()
     counts = expected_counts(num_pairs) | {"captions": len({r["caption"] for r in rows})}
-    _write_atomically(Path(out_dir) / "expected_counts.json",
-                      lambda p: p.write_text(json.dumps(counts, indent=2) + "\n"))
+    write_json(Path(out_dir) / "expected_counts.json", counts)
     return paths
 
 
@@ -359,31 +350,6 @@ def build_clip_tokenizer(words: Iterable[str] | None = None) -> CLIPTokenizer:
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
 
 
-def _build_directory_once(out_dir: Path, marker: str, build: Callable[[Path], None]) -> Path:
-    """Run `build` into a sibling folder, then rename it to `out_dir`, so a crash never leaves a
-    half-written model that looks complete. A folder that already has `marker` is returned."""
-    out_dir = Path(out_dir)
-    if (out_dir / marker).exists():
-        return out_dir
-    if out_dir.exists() and any(out_dir.iterdir()):
-        raise FileExistsError(f"{out_dir} is not empty but has no {marker}, so it is not a "
-                              "complete model: remove it or choose another directory")
-    # Per process: two builders racing for the same out_dir must not share a scratch folder.
-    partial = out_dir.with_name(f".{out_dir.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir(parents=True)
-    try:
-        build(partial)
-        try:
-            partial.rename(out_dir)
-        except OSError:
-            if not (out_dir / marker).exists():  # else a concurrent builder finished first
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
-    return out_dir
-
-
 def _text_config(tokenizer: CLIPTokenizer) -> dict:
     return {"vocab_size": len(tokenizer), "hidden_size": 32, "intermediate_size": 64,
             "num_hidden_layers": 2, "num_attention_heads": 4, "max_position_embeddings": 77,
@@ -436,7 +402,7 @@ def build_tiny_diffusion(out_dir: Path, seed: int = 0, resolution: int = 32) -> 
             requires_safety_checker=False)
         pipeline.save_pretrained(path)
 
-    return _build_directory_once(out_dir, "model_index.json", build)
+    return build_once(out_dir, "model_index.json", build)
 
 
 def build_tiny_clip_reward(out_dir: Path, seed: int = 0, image_size: int = 32) -> Path:
@@ -469,7 +435,7 @@ def build_tiny_clip_reward(out_dir: Path, seed: int = 0, image_size: int = 32) -
         model.save_pretrained(path)
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
 
-    return _build_directory_once(out_dir, "config.json", build)
+    return build_once(out_dir, "config.json", build)
 
 
 def build_tiny_sdxl(out_dir: Path, seed: int = 0, resolution: int = 32) -> Path:
@@ -518,4 +484,4 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0, resolution: int = 32) -> Path:
             tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
         pipeline.save_pretrained(path)
 
-    return _build_directory_once(out_dir, "model_index.json", build)
+    return build_once(out_dir, "model_index.json", build)

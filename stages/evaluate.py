@@ -35,7 +35,8 @@ def compute(run: StageRun) -> dict[str, Any]:
     dtype = resolve_dtype(model_cfg.dtype, device)
     metrics = {
         kind: load_reward_model(kind, run.ctx.resolve(ckpt), device,
-                                run.ctx.resolve(cfg.metric_processors.get(kind)))
+                                run.ctx.resolve(cfg.metric_processors.get(kind)),
+                                cache_dir=run.ctx.store.root / "converted")
         for kind, ckpt in cfg.metrics.items()
     }
     prompts = load_prompts(cfg.prompts, cfg.num_prompts)

@@ -30,7 +30,8 @@ LABELS = "labels.parquet"
 def compute(run: StageRun) -> dict[str, Any]:
     cfg = run.settings.score
     reward = load_reward_model(cfg.reward_model, run.ctx.resolve(cfg.checkpoint),
-                               resolve_device(cfg.device), run.ctx.resolve(cfg.processor))
+                               resolve_device(cfg.device), run.ctx.resolve(cfg.processor),
+                               cache_dir=run.ctx.store.root / "converted")
     pairs_dir = run.input_dir("download")
     pairs = run.inputs["download"].summary["pairs"]
     progress = run.progress(total=2 * pairs, unit="images")

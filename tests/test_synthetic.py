@@ -220,7 +220,7 @@ def test_tiny_diffusion_round_trip_is_deterministic(tmp_path: Path) -> None:
 
 def test_model_builder_refuses_a_foreign_non_empty_directory(tmp_path: Path) -> None:
     (tmp_path / "notes.txt").write_text("not a model")
-    with pytest.raises(FileExistsError, match="not a complete model"):
+    with pytest.raises(FileExistsError, match="not a complete build"):
         build_tiny_clip_reward(tmp_path)
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 

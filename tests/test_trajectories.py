@@ -9,6 +9,7 @@ import torch
 from safetensors import safe_open
 
 from smpo_core.errors import SmpoError
+from smpo_core.models import PromptEmbeds
 from smpo_core.store import folder_size
 from smpo_core.training import load_train_state, make_optimizer, save_train_state
 from smpo_core.trajectories import (
@@ -38,7 +39,7 @@ def rows(n=10):
 
 def write_meta(folder):
     write_cache_meta(folder, {"base_model": "m", "resolution": 32, "levels": [1, 2, 3]},
-                     torch.zeros(1, *TEXT))
+                     PromptEmbeds(torch.zeros(1, *TEXT)))
 
 
 def test_cache_reads_back_what_was_inverted(tmp_path):
