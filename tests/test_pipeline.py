@@ -130,7 +130,8 @@ def test_train_writes_a_changed_unet_and_finite_losses(runs):
 def test_evaluate_reports_win_rates_grid_and_html(runs):
     folder = Path(runs["first"]["evaluate"]["path"])
     summary = json.loads((folder / "summary.json").read_text())
-    assert set(summary["metrics"]) == {"pickscore", "hpsv2", "imagereward", "aesthetic", "clipscore"}
+    assert set(summary["metrics"]) == {"pickscore", "hpsv2", "imagereward", "aesthetic",
+                                       "clipscore"}
     for metric in summary["metrics"].values():
         assert 0.0 <= metric["win_rate"] <= 1.0
     assert summary["generation"]["steps"] == 10
