@@ -94,10 +94,13 @@ def test_invert_caches_trajectories(runs):
     folder = Path(runs["first"]["invert"]["path"])
     meta = json.loads((folder / "cache.json").read_text())
     assert meta["levels"] == [199, 399, 599, 799, 999]
-    pairs = _manifest(runs["first"]["download"])["pairs"]
     index = pq.read_table(sorted(folder.glob("index-*.parquet"))[0])
     total = sum(pq.read_metadata(f).num_rows for f in folder.glob("index-*.parquet"))
-    assert total == pairs
+    assert total == 128  # invert.max_pairs of the tiny profile
+    first_pairs = pq.read_table(sorted(Path(runs["first"]["download"]["path"])
+                                       .glob("pairs-*.parquet"))[0], columns=["pair_id"])
+    assert index.column("pair_id").to_pylist() == \
+        first_pairs.column("pair_id").to_pylist()[:index.num_rows]
     with safe_open(str(folder / "shard-00000.safetensors"), "pt") as shard:
         z, z0 = shard.get_tensor("z"), shard.get_tensor("z0")
     assert z.dtype == torch.float16
