@@ -18,8 +18,10 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import hashlib
 import json
 import os
+import re
 import signal
 import socket
 import subprocess
@@ -27,9 +29,11 @@ import sys
 import time
 import urllib.error
 import urllib.request
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import datetime
 from pathlib import Path
+from urllib.parse import quote
 
 import psutil
 import yaml
@@ -55,8 +59,12 @@ class Config:
     def from_env(cls) -> Config:
         # The same store rule as flows.pipeline.default_store (not imported: it loads torch).
         store = Path(os.environ.get("SMPO_STORE") or "smpo-store").resolve()
+        pool = os.environ.get("SMPO_WORK_POOL") or DEFAULT_POOL
+        if re.search(r"[/%&><]", pool):
+            raise SmpoError(f"SMPO_WORK_POOL={pool!r}: a work pool name cannot contain "
+                            f"/ % & > or <")
         return cls(store, _port("SMPO_PREFECT_PORT", 4200), _port("SMPO_MLFLOW_PORT", 5000),
-                   os.environ.get("SMPO_WORK_POOL") or DEFAULT_POOL)
+                   pool)
 
     @property
     def run_dir(self) -> Path:
@@ -201,7 +209,8 @@ def _port_answers(port: int) -> bool:
         return sock.connect_ex((HOST, port)) == 0
 
 
-def wait_until(cfg: Config, name: str, proc: psutil.Process, ready, what: str) -> None:
+def wait_until(cfg: Config, name: str, proc: psutil.Process, ready: Callable[[], bool],
+               what: str) -> None:
     """Poll `ready()` until it holds; fail with the service's log tail if it exits first."""
     deadline = time.monotonic() + START_TIMEOUT
     while not ready():
@@ -222,7 +231,7 @@ def _tail(path: Path, lines: int = 25) -> str:
 def _worker_polling(cfg: Config, since: float) -> bool:
     """A worker of the pool has sent a heartbeat since `since` (epoch seconds)."""
     request = urllib.request.Request(
-        f"{cfg.prefect_url}/api/work_pools/{cfg.pool}/workers/filter", data=b"{}",
+        f"{cfg.prefect_url}/api/work_pools/{quote(cfg.pool)}/workers/filter", data=b"{}",
         headers={"Content-Type": "application/json"}, method="POST")
     try:
         with urllib.request.urlopen(request, timeout=5) as response:
@@ -266,11 +275,18 @@ def deployments_file(cfg: Config) -> Path:
     return copy
 
 
+def _state(cfg: Config) -> dict:
+    """What the last successful `start` served (serve.json), or {}."""
+    try:
+        return json.loads((cfg.run_dir / "serve.json").read_text())
+    except (OSError, ValueError):
+        return {}
+
+
 def _check_ports_agree(cfg: Config) -> None:
-    state = cfg.run_dir / "serve.json"
-    if not state.is_file() or not any(running(cfg, name) for name in SERVICES):
+    old = _state(cfg)
+    if not old or not any(running(cfg, name) for name in SERVICES):
         return
-    old = json.loads(state.read_text())
     if (old["prefect_port"], old["mlflow_port"], old["pool"]) != (
             cfg.prefect_port, cfg.mlflow_port, cfg.pool):
         raise SmpoError(
@@ -279,15 +295,20 @@ def _check_ports_agree(cfg: Config) -> None:
             f"run `make stop` first to change them")
 
 
-def _ensure(cfg: Config, name: str, port: int | None, started: list[str]) -> psutil.Process:
+def _check_ports_free(cfg: Config) -> None:
+    """Before starting anything: the ports of the servers still to start are free."""
+    for name, port, variable in (("prefect-server", cfg.prefect_port, "SMPO_PREFECT_PORT"),
+                                 ("mlflow-server", cfg.mlflow_port, "SMPO_MLFLOW_PORT")):
+        if not running(cfg, name) and _port_answers(port):
+            raise SmpoError(f"{name}: port {port} on {HOST} is taken by another program; stop "
+                            f"it or choose a free port ({variable}=...)")
+
+
+def _ensure(cfg: Config, name: str, started: list[str]) -> psutil.Process:
     """The running service, else a newly launched one (its name appended to `started`)."""
     proc = running(cfg, name)
     if proc:
         return proc
-    if port is not None and _port_answers(port):
-        variable = "SMPO_PREFECT_PORT" if name == "prefect-server" else "SMPO_MLFLOW_PORT"
-        raise SmpoError(f"{name}: port {port} on {HOST} is taken by another program; stop it "
-                        f"or choose a free port ({variable}=...)")
     started.append(name)
     return launch(cfg, name)
 
@@ -295,17 +316,26 @@ def _ensure(cfg: Config, name: str, port: int | None, started: list[str]) -> psu
 def start(cfg: Config) -> None:
     cfg.run_dir.mkdir(parents=True, exist_ok=True)
     _check_ports_agree(cfg)
+    _check_ports_free(cfg)
+    spec = deployments_file(cfg)
+    digest = hashlib.sha256(spec.read_bytes()).hexdigest()
+    # Everything up and these deployments registered by the last start: nothing to do.
+    registered = (all(running(cfg, name) for name in SERVICES)
+                  and _state(cfg).get("prefect_yaml_sha256") == digest)
     started: list[str] = []
     try:
-        server = _ensure(cfg, "prefect-server", cfg.prefect_port, started)
+        server = _ensure(cfg, "prefect-server", started)
         wait_until(cfg, "prefect-server", server,
                    lambda: _get(f"{cfg.prefect_url}/api/health") == "true", "healthy")
         # MLflow and the worker come up while the deployments register.
-        mlflow = _ensure(cfg, "mlflow-server", cfg.mlflow_port, started)
-        prefect_cli(cfg, "work-pool", "create", cfg.pool, "--type", "process", "--overwrite")
+        mlflow = _ensure(cfg, "mlflow-server", started)
+        if not registered:
+            prefect_cli(cfg, "work-pool", "create", cfg.pool, "--type", "process",
+                        "--overwrite")
         worker_since = time.time()
-        worker = _ensure(cfg, "worker", None, started)
-        prefect_cli(cfg, "deploy", "--all", "--prefect-file", str(deployments_file(cfg)))
+        worker = _ensure(cfg, "worker", started)
+        if not registered:
+            prefect_cli(cfg, "deploy", "--all", "--prefect-file", str(spec))
         wait_until(cfg, "mlflow-server", mlflow,
                    lambda: _get(f"{cfg.mlflow_url}/health") == "OK", "healthy")
         if "worker" in started:
@@ -319,10 +349,13 @@ def start(cfg: Config) -> None:
         raise
     (cfg.run_dir / "serve.json").write_text(json.dumps(
         {"store": str(cfg.store), "prefect_port": cfg.prefect_port,
-         "mlflow_port": cfg.mlflow_port, "pool": cfg.pool}, indent=1))
+         "mlflow_port": cfg.mlflow_port, "pool": cfg.pool, "prefect_yaml_sha256": digest},
+        indent=1))
     for name in SERVICES:
         print(f"{name:<15} {'started' if name in started else 'already running'} "
               f"(pid {running(cfg, name).pid})")
+    print(f"{'deployments':<15} {'already registered' if registered else 'registered'} "
+          f"from {_shown(spec)}")
     _print_next_steps(cfg)
 
 
@@ -368,7 +401,7 @@ def status(cfg: Config) -> int:
     for name, proc in states.items():
         print(f"{name:<15} {f'running (pid {proc.pid})' if proc else 'not running'}")
     if all(states.values()):
-        state = json.loads((cfg.run_dir / "serve.json").read_text())
+        state = _state(cfg)
         print(f"Prefect UI      http://{HOST}:{state['prefect_port']}\n"
               f"MLflow UI       http://{HOST}:{state['mlflow_port']}")
         return 0

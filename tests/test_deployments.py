@@ -1,0 +1,243 @@
+"""smpo as its users run it: `make serve`, the deployments of prefect.yaml picked up by the
+worker, runs tracked on the MLflow server; and the failures they must be able to read."""
+
+from __future__ import annotations
+
+import inspect
+import os
+import socket
+import subprocess
+import urllib.request
+from pathlib import Path
+
+import pytest
+import yaml
+from PIL import Image
+
+from flows.pipeline import smpo, with_upstream
+from flows.serve import DEFAULT_POOL, Config, deployments_file
+from smpo_core.settings import STAGES, load_settings
+from tests.conftest import (
+    BIN,
+    FAST,
+    REPO,
+    SERVICES,
+    DeploymentRun,
+    Served,
+    free_ports,
+    make,
+    serve_env,
+    tags,
+)
+
+DEPLOYMENTS = ("full", "download", "score", "invert", "train", "evaluate")
+
+
+def _deployments() -> list[dict]:
+    return yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
+
+
+def test_prefect_yaml_presets_are_valid_runs_of_the_smpo_flow():
+    parameters = set(inspect.signature(smpo.fn).parameters)
+    assert smpo.name == "smpo"  # so the addresses are smpo/full, smpo/train, ...
+    assert tuple(d["name"] for d in _deployments()) == DEPLOYMENTS
+    for deployment in _deployments():
+        preset = deployment["parameters"]
+        assert deployment["entrypoint"] == "flows/pipeline.py:smpo"
+        assert deployment["work_pool"]["name"] == DEFAULT_POOL
+        assert set(preset) == parameters, deployment["name"]
+        assert preset["profile"] == "tiny" and preset["store"] is None
+        load_settings(preset["profile"], preset["overrides"])
+        if deployment["name"] == "full":
+            assert with_upstream(preset["stages"]) == list(STAGES)
+        else:  # a stage's preset runs that stage (train also evaluates its checkpoint)
+            assert preset["stages"][0] == deployment["name"]
+            assert deployment["name"] in with_upstream(preset["stages"])
+
+
+def test_another_work_pool_goes_into_a_copy_of_prefect_yaml(tmp_path):
+    cfg = Config(tmp_path, 4200, 5000, "gpu-pool")
+    cfg.run_dir.mkdir()
+    copy = yaml.safe_load(deployments_file(cfg).read_text())["deployments"]
+    assert [d["work_pool"]["name"] for d in copy] == ["gpu-pool"] * len(DEPLOYMENTS)
+    for original, changed in zip(_deployments(), copy, strict=True):
+        assert {k: v for k, v in changed.items() if k != "work_pool"} == \
+               {k: v for k, v in original.items() if k != "work_pool"}
+    assert deployments_file(Config(tmp_path, 4200, 5000, DEFAULT_POOL)) == REPO / "prefect.yaml"
+
+
+def test_serve_refuses_a_port_another_program_listens_on(tmp_path):
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        done = make("serve", serve_env(tmp_path / "store", free_ports(1)[0], port), timeout=120)
+    assert done.returncode != 0
+    assert (f"serve: error: mlflow-server: port {port} on 127.0.0.1 is taken by another "
+            f"program") in done.stderr, done.stderr
+    assert list((tmp_path / "store" / ".serve").glob("*.pid")) == []  # nothing was started
+
+
+@pytest.mark.integration
+def test_serve_twice_starts_nothing_new_and_registers_every_deployment(served: Served):
+    assert set(served.pids) == set(SERVICES)
+    assert served.pids_after_second_serve == served.pids
+    assert served.second_serve_output.count("already running") == len(SERVICES)
+    deployments = served.prefect_api("/deployments/filter", {})
+    assert sorted(d["name"] for d in deployments) == sorted(DEPLOYMENTS)
+    assert {d["work_pool_name"] for d in deployments} == {DEFAULT_POOL}
+    assert served.prefect_api(f"/work_pools/{DEFAULT_POOL}")["type"] == "process"
+    assert urllib.request.urlopen(f"{served.mlflow_url}/health").read() == b"OK"
+
+
+@pytest.mark.integration
+def test_full_deployment_runs_every_stage_tracked_on_the_servers(served: Served, full_run):
+    flow_run = served.prefect_api(f"/flow_runs/{full_run.run.flow_run_id}")
+    assert flow_run["state"]["type"] == "COMPLETED"
+    assert flow_run["parameters"]["store"] == str(served.store)
+
+    # MLflow lists the parent run and one nested run per stage, all computed this time.
+    assert full_run.parent["info"]["status"] == "FINISHED"
+    assert tags(full_run.parent)["smpo.ran"] == ",".join(STAGES)
+    assert set(full_run.stages) == set(STAGES)
+    for stage, run in full_run.stages.items():
+        assert run["info"]["status"] == "FINISHED", stage
+        assert tags(run)["smpo.reused"] == "false", stage
+        assert (Path(tags(run)["smpo.output"]) / "manifest.json").is_file()
+
+    # The worker logged through the server: the server gave the experiment its artifact root.
+    experiment = served.mlflow_api("/experiments/get-by-name?experiment_name=smpo")["experiment"]
+    assert experiment["artifact_location"] == \
+        f"{(served.store / 'mlflow-artifacts').as_uri()}/{full_run.experiment_id}"
+
+    # The evaluation grid is logged and the server hands out the same bytes the store holds.
+    evaluate = full_run.stages["evaluate"]
+    run_id = evaluate["info"]["run_id"]
+    listed = served.mlflow_api(f"/artifacts/list?run_id={run_id}")
+    assert "grid.png" in {f["path"] for f in listed["files"]}
+    served_grid = urllib.request.urlopen(
+        f"{served.mlflow_url}/get-artifact?path=grid.png&run_uuid={run_id}").read()
+    assert served_grid == (Path(tags(evaluate)["smpo.output"]) / "grid.png").read_bytes()
+
+    # Prefect shows each stage's summary (markdown) and progress artifacts for the flow run.
+    artifacts = served.prefect_api("/artifacts/filter", {
+        "artifacts": {"flow_run_id": {"any_": [full_run.run.flow_run_id]}}})
+    markdown = {a["key"] for a in artifacts if a["type"] == "markdown"}
+    assert markdown == {f"{stage}-summary" for stage in STAGES}
+    progress = [a for a in artifacts if a["type"] == "progress"]
+    assert progress and all(a["data"] == 100.0 for a in progress)
+
+
+@pytest.mark.integration
+def test_runs_logged_straight_into_the_store_are_served_too(served: Served, tmp_path):
+    """`smpo run` without a server writes the store's SQLite database and a file:// artifact
+    folder; the MLflow server of `make serve` shows those runs and their artifacts."""
+    from mlflow.tracking import MlflowClient
+
+    client = MlflowClient(f"sqlite:///{served.store / 'mlflow.db'}")
+    experiment = client.create_experiment(
+        "logged-without-server", artifact_location=(served.store / "mlflow-artifacts").as_uri())
+    run = client.create_run(experiment, run_name="direct")
+    image = tmp_path / "grid.png"
+    Image.new("RGB", (24, 16), "orange").save(image)
+    client.log_artifact(run.info.run_id, str(image))
+    client.set_terminated(run.info.run_id)
+
+    listed = served.mlflow_api(f"/artifacts/list?run_id={run.info.run_id}")
+    assert [f["path"] for f in listed["files"]] == ["grid.png"]
+    fetched = urllib.request.urlopen(
+        f"{served.mlflow_url}/get-artifact?path=grid.png&run_uuid={run.info.run_id}").read()
+    assert fetched == image.read_bytes()
+
+
+@pytest.fixture(scope="module")
+def failed_runs(served: Served, full_run) -> dict[str, DeploymentRun]:
+    """Three failing runs after smpo/full, started together (the worker runs them side by
+    side): bad input found before any stage, and a stage failing with and without a
+    SmpoError."""
+    started = {
+        # A learning rate that passes validation but makes training diverge at run time.
+        "diverging_train": served.run_deployment(
+            "train", [*FAST, "train.beta=3000", "train.learning_rate=1e30"], watch=False),
+        "missing_prompts": served.run_deployment(
+            "evaluate", [*FAST, "evaluate.prompts=/nonexistent/prompts.txt"], watch=False),
+        "missing_source": served.run_deployment(
+            "download", ["download.source=/nonexistent/pickapic"], watch=False),
+    }
+    for run in started.values():
+        run.state = served.final_state(run.flow_run_id)
+    return started
+
+
+def _error_lines(served: Served, run: DeploymentRun, text: str) -> list[str]:
+    """The ERROR lines of `prefect flow-run logs` that contain `text`."""
+    logs = served.prefect("flow-run", "logs", run.flow_run_id)
+    assert logs.returncode == 0, logs.stderr
+    lines = [line for line in logs.stdout.splitlines() if "ERROR" in line and text in line]
+    assert lines, f"no ERROR line with {text!r}:\n{logs.stdout[-3000:]}"
+    return lines
+
+
+@pytest.mark.integration
+def test_a_stage_error_is_one_readable_line_in_the_prefect_logs(served, failed_runs):
+    run = failed_runs["missing_prompts"]
+    assert run.state == "FAILED"
+    lines = _error_lines(served, run, "evaluate.prompts '/nonexistent/prompts.txt'")
+    assert any("SmpoError" in line for line in lines), lines
+    _, stages = served.mlflow_runs(run.flow_run_id)
+    assert stages["evaluate"]["info"]["status"] == "FAILED"
+    assert tags(stages["evaluate"])["smpo.error"].startswith("SmpoError: evaluate.prompts")
+    assert all(tags(stages[s])["smpo.reused"] == "true" for s in STAGES if s != "evaluate")
+
+
+@pytest.mark.integration
+def test_a_bad_source_fails_the_flow_run_with_its_message(served, failed_runs):
+    run = failed_runs["missing_source"]
+    assert run.state == "FAILED"
+    lines = _error_lines(served, run, "download.source '/nonexistent/pickapic'")
+    assert any("SmpoError" in line for line in lines), lines
+
+
+@pytest.mark.integration
+def test_train_after_a_failed_train_reuses_upstream_and_reruns_train_and_evaluate(
+        served: Served, full_run, failed_runs):
+    failed = failed_runs["diverging_train"]
+    assert failed.state == "FAILED"
+    parent, stages = served.mlflow_runs(failed.flow_run_id)
+    assert parent["info"]["status"] == "FAILED"
+    assert {s: tags(r)["smpo.reused"] for s, r in stages.items() if s != "train"} == {
+        "download": "true", "score": "true", "invert": "true"}
+    assert stages["train"]["info"]["status"] == "FAILED"
+    assert "non-finite training metrics" in tags(stages["train"])["smpo.error"]
+    assert not (Path(tags(stages["train"])["smpo.output"]) / "manifest.json").exists()
+
+    rerun = served.run_deployment("train", [*FAST, "train.beta=3000"])
+    assert rerun.returncode == 0, rerun.output[-3000:]
+    parent, stages = served.mlflow_runs(rerun.flow_run_id)
+    assert {s: tags(r)["smpo.reused"] for s, r in stages.items()} == {
+        "download": "true", "score": "true", "invert": "true", "train": "false",
+        "evaluate": "false"}
+    assert tags(parent)["smpo.ran"] == "train,evaluate"
+    params = {p["key"]: p["value"] for p in stages["train"]["data"]["params"]}
+    assert float(params["train.beta"]) == 3000.0
+    assert tags(stages["train"])["smpo.key"] != tags(full_run.stages["train"])["smpo.key"]
+
+
+@pytest.mark.integration
+def test_unreachable_mlflow_server_fails_before_any_stage(tmp_path):
+    port = free_ports(1)[0]
+    store = tmp_path / "store"
+    env = {"MLFLOW_TRACKING_URI": f"http://127.0.0.1:{port}"}
+    done = subprocess.run([str(BIN / "smpo"), "run", "--store", str(store)],
+                          env=_environ() | env, capture_output=True, text=True, timeout=300,
+                          check=False)
+    assert done.returncode == 2, done.stderr[-2000:]
+    last = done.stderr.strip().splitlines()[-1]
+    assert last.startswith(f"smpo: error: MLFLOW_TRACKING_URI 'http://127.0.0.1:{port}': "
+                           f"no MLflow server answers there"), last
+    assert "make serve" in last
+    assert [name for name in (*STAGES, "builtin") if (store / name).exists()] == []
+
+
+def _environ() -> dict[str, str]:
+    return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
