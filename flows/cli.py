@@ -15,6 +15,7 @@ from pathlib import Path
 
 from smpo_core.errors import SmpoError
 from smpo_core.settings import STAGES, Settings, available_profiles, load_settings
+from smpo_core.store import default_store
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -68,7 +69,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "settings":
             print_settings(settings)
             return 0
-        from flows.pipeline import default_store, preflight, prepare, smpo, with_upstream
+        from flows.pipeline import preflight, prepare, smpo, with_upstream
 
         plan = with_upstream(args.stages)
         for stage in args.force:

@@ -9,7 +9,6 @@ exist, so `smpo run train evaluate` recomputes only what changed.
 
 from __future__ import annotations
 
-import os
 import subprocess
 import time
 from pathlib import Path
@@ -22,6 +21,7 @@ from smpo_core import builtin
 from smpo_core.errors import SmpoError
 from smpo_core.pickapic import describe_source, iter_source
 from smpo_core.settings import STAGES, Settings, load_settings
+from smpo_core.store import default_store
 from stages import tracking
 from stages.common import RunContext, StageResult
 from stages.download import download_stage
@@ -39,13 +39,6 @@ UPSTREAM = {
 }
 TASKS = {"download": download_stage, "score": score_stage, "invert": invert_stage,
          "train": train_stage, "evaluate": evaluate_stage}
-DEFAULT_STORE = "smpo-store"
-
-
-def default_store() -> str:
-    return os.environ.get("SMPO_STORE", DEFAULT_STORE)
-
-
 def with_upstream(stages: list[str] | None) -> list[str]:
     """The requested stages and everything they need, in DAG order."""
     requested = list(stages or STAGES)
@@ -86,12 +79,23 @@ def prepare(settings: Settings, store: str) -> tuple[str, str, MlflowClient]:
 
 def preflight(settings: Settings, store: str, plan: list[str]) -> None:
     """Check local inputs before any stage runs, so bad input fails with nothing written:
-    the first rows of a local Pick-a-Pic source (column names and types)."""
-    if "download" not in plan:
-        return
-    source = builtin.resolve(settings.download.source, Path(store).resolve())
-    if describe_source(source) != "hub":
-        next(iter(iter_source(source, settings.download.split)), None)
+    the first rows of a local Pick-a-Pic source (column names and types), and that local
+    model and checkpoint paths exist."""
+    paths = {"model.base": settings.model.base, "model.vae": settings.model.vae}
+    if "score" in plan:
+        paths |= {"score.checkpoint": settings.score.checkpoint,
+                  "score.processor": settings.score.processor}
+    if "evaluate" in plan:
+        paths |= {f"evaluate.metrics.{k}": v for k, v in settings.evaluate.metrics.items()}
+        paths |= {f"evaluate.metric_processors.{k}": v
+                  for k, v in settings.evaluate.metric_processors.items()}
+    for name, ref in paths.items():
+        if ref and ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
+            raise SmpoError(f"{name} {ref!r}: no such file or folder")
+    if "download" in plan:
+        source = builtin.resolve(settings.download.source, Path(store).resolve())
+        if describe_source(source) != "hub":
+            next(iter(iter_source(source, settings.download.split)), None)
 
 
 @flow(name="smpo", log_prints=True)

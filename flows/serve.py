@@ -39,6 +39,7 @@ import psutil
 import yaml
 
 from smpo_core.errors import SmpoError
+from smpo_core.store import default_store
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
@@ -58,7 +59,7 @@ class Config:
     @classmethod
     def from_env(cls) -> Config:
         # The same store rule as flows.pipeline.default_store (not imported: it loads torch).
-        store = Path(os.environ.get("SMPO_STORE") or "smpo-store").resolve()
+        store = Path(default_store()).resolve()
         pool = os.environ.get("SMPO_WORK_POOL") or DEFAULT_POOL
         if re.search(r"[/%&><]", pool):
             raise SmpoError(f"SMPO_WORK_POOL={pool!r}: a work pool name cannot contain "

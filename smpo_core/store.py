@@ -18,6 +18,12 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+DEFAULT_STORE = "smpo-store"
+
+
+def default_store() -> str:
+    """The store folder when none is given: $SMPO_STORE, else ./smpo-store."""
+    return os.environ.get("SMPO_STORE") or DEFAULT_STORE
 
 
 def stage_key(

@@ -16,6 +16,7 @@ from pathlib import Path
 import torch
 from diffusers import UNet2DConditionModel
 
+from smpo_core.errors import SmpoError
 from smpo_core.inversion import forward_noise, implied_noise, renoise_invert
 from smpo_core.losses import per_image_mse, preference_loss, sft_loss
 from smpo_core.models import unet_condition
@@ -201,7 +202,10 @@ def train_loop(
         totals["lr"] = lr_schedule.get_last_lr()[0]
         totals["step_seconds"] = time.perf_counter() - started
         if not all(math.isfinite(v) for v in totals.values()):
-            raise FloatingPointError(f"non-finite training metrics at step {step + 1}: {totals}")
+            raise SmpoError(
+                f"train: the loss diverged at step {step + 1} (non-finite metrics "
+                f"{ {k: v for k, v in totals.items() if not math.isfinite(v)} }); lower "
+                f"train.learning_rate or train.beta")
         last = totals
         if on_metrics and ((step + 1) % loop.log_every == 0 or step + 1 == loop.max_steps):
             on_metrics(step + 1, totals)

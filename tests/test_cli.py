@@ -56,3 +56,14 @@ def test_source_missing_a_column_fails_before_any_stage_output(tmp_path):
     assert "column 'label_0'" in error[0] and "missing" in error[0]
     assert "train-00000-of-00001.parquet" in error[0]
     assert not (store / "download").exists()
+
+
+def test_missing_reward_checkpoint_fails_before_any_stage(tmp_path):
+    store = tmp_path / "store"
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", "score", "--store",
+                             str(store), "--set", "score.checkpoint=/nowhere/PickScore"],
+                            capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    assert "smpo: error: score.checkpoint '/nowhere/PickScore': no such file or folder" \
+        in result.stderr
+    assert not (store / "download").exists()

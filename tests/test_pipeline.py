@@ -39,7 +39,14 @@ def runs(tmp_path_factory):
             unet_before = (train_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
             (train_dir / "manifest.json").unlink()
             resumed = smpo(stages=["train"], store=str(store))
-    return {"store": store, "first": _by_stage(first), "second": _by_stage(second),
+            other_rewards = {
+                kind: _by_stage(smpo(stages=["score"], store=str(store), overrides=[
+                    f"score.reward_model={kind}", f"score.checkpoint=builtin:tiny-{kind}",
+                    f"score.processor=builtin:{processor}"]))
+                for kind, processor in (("hpsv2", "tiny-hpsv2-tokenizer"),
+                                        ("imagereward", "tiny-imagereward-bert"))}
+    return {"other_rewards": other_rewards, "store": store, "first": _by_stage(first),
+            "second": _by_stage(second),
             "third": _by_stage(third), "fourth": _by_stage(fourth), "forced": _by_stage(forced),
             "resumed": _by_stage(resumed), "unet_before": unet_before}
 
@@ -177,7 +184,7 @@ def test_mlflow_parent_with_nested_stage_runs(runs):
                                  filter_string="tags.`smpo.profile` = 'tiny'",
                                  order_by=["attributes.start_time ASC"])
     parents = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 6
+    assert len(parents) == 8
     first, second = parents[0], parents[1]
     assert first.data.tags["prefect.flow_run_id"]
     assert first.data.tags["smpo.code_version"]
@@ -211,3 +218,16 @@ def test_killed_train_stage_is_redone_from_its_last_checkpoint(runs):
     assert _manifest(train)["resumed_from_step"] == 30
     unet = Path(train["path"]) / "unet" / "diffusion_pytorch_model.safetensors"
     assert unet.read_bytes() == runs["unet_before"]
+
+
+@pytest.mark.parametrize("kind", ["hpsv2", "imagereward"])
+def test_score_stage_with_official_checkpoint_formats(runs, kind):
+    rows = runs["other_rewards"][kind]
+    assert rows["download"]["reused"] and not rows["score"]["reused"]
+    labels = pq.read_table(Path(rows["score"]["path"]) / "labels.parquet")
+    meta = {k.decode(): v.decode() for k, v in labels.schema.metadata.items()}
+    assert meta["smpo.reward_model"] == kind
+    assert len(meta["smpo.checkpoint_hash"]) == 16
+    assert labels.num_rows == _manifest(runs["first"]["download"])["pairs"]
+    rewards = labels.column("reward_0").to_numpy()
+    assert np.isfinite(rewards).all() and rewards.std() > 0
