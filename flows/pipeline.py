@@ -90,8 +90,14 @@ def preflight(settings: Settings, store: str, plan: list[str]) -> None:
         paths |= {f"evaluate.metric_processors.{k}": v
                   for k, v in settings.evaluate.metric_processors.items()}
     for name, ref in paths.items():
-        if ref and ref.startswith((".", "/", "~")) and not Path(ref).expanduser().exists():
+        if not ref or ref.startswith(builtin.PREFIX) or Path(ref).expanduser().exists():
+            continue
+        if ref.startswith((".", "/", "~")):
             raise SmpoError(f"{name} {ref!r}: no such file or folder")
+        # A bare checkpoint file name is neither a local file nor `owner/repo/file` on the hub.
+        if ref.endswith((".pt", ".pth", ".bin", ".safetensors")) and ref.count("/") < 2:
+            raise SmpoError(f"{name} {ref!r}: no such file; download the published checkpoint "
+                            f"and give its path (or owner/repo/file on the hub)")
     if "download" in plan:
         source = builtin.resolve(settings.download.source, Path(store).resolve())
         if describe_source(source) != "hub":
