@@ -14,52 +14,67 @@ from PIL import Image, ImageDraw
 from smpo_core.errors import SmpoError
 from smpo_core.rewards import RewardModel
 
+PROMPT_COLUMNS = ("caption", "prompt", "Prompt", "text")  # Pick-a-Pic, HPDv2, PartiPrompts
+
 
 def load_prompts(spec: str, num_prompts: int) -> list[str]:
     """The first `num_prompts` distinct prompts of a prompt set.
 
     `builtin:tiny` (held-out captions of the synthetic grammar), a .txt file (one per line),
-    a Parquet file or folder with a `caption` column, or `<hub dataset id>@<split>`.
+    a Parquet file or folder, or `<hub dataset id>@<split>` (e.g. Pick-a-Pic v2's
+    `test_unique`, PartiPrompts, HPDv2); tables are read from their first column named in
+    PROMPT_COLUMNS.
     """
     if spec == "builtin:tiny":
         from smpo_core.synthetic import synthetic_prompts
 
         return synthetic_prompts(num_prompts, seed=1234)
-    path = Path(spec)
+    path = Path(spec).expanduser()
     if path.suffix == ".txt" and path.is_file():
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
     elif path.exists():
         files = [path] if path.is_file() else sorted(path.rglob("*.parquet"))
         prompts = []
         for file in files:
-            if "caption" not in pq.ParquetFile(file).schema_arrow.names:
-                raise SmpoError(f"evaluate.prompts: {file} has no 'caption' column")
-            prompts += pq.read_table(file, columns=["caption"]).column("caption").to_pylist()
-    elif "@" in spec:
+            column = _prompt_column(pq.ParquetFile(file).schema_arrow.names, str(file))
+            prompts += pq.read_table(file, columns=[column]).column(column).to_pylist()
+    elif "@" in spec and not spec.startswith((".", "/", "~")):
         prompts = _hub_prompts(spec, num_prompts)
     else:
-        raise SmpoError(f"evaluate.prompts {spec!r}: expected builtin:tiny, a .txt file, a "
-                        f"Parquet file or folder, or <hub dataset id>@<split>")
-    unique = list(dict.fromkeys(prompts))[:num_prompts]
+        raise SmpoError(f"evaluate.prompts {spec!r}: no such file; expected builtin:tiny, a "
+                        f".txt file, a Parquet file or folder, or <hub dataset id>@<split>")
+    unique = list(dict.fromkeys(p for p in prompts if p))[:num_prompts]
     if not unique:
         raise SmpoError(f"evaluate.prompts {spec!r}: no prompts found")
     return unique
+
+
+def _prompt_column(names: Sequence[str], origin: str) -> str:
+    column = next((c for c in PROMPT_COLUMNS if c in names), None)
+    if column is None:
+        raise SmpoError(f"evaluate.prompts: {origin} has none of the columns "
+                        f"{', '.join(PROMPT_COLUMNS)}")
+    return column
 
 
 def _hub_prompts(spec: str, num_prompts: int) -> list[str]:
     import datasets
 
     dataset_id, split = spec.rsplit("@", 1)
+    prompts: list[str] = []
     try:
         stream = datasets.load_dataset(dataset_id, split=split, streaming=True)
-        prompts: list[str] = []
         for row in stream:
-            if row["caption"] not in prompts:
-                prompts.append(row["caption"])
+            text = row[_prompt_column(list(row), f"hub dataset {dataset_id}")]
+            if text and text not in prompts:
+                prompts.append(text)
             if len(prompts) >= num_prompts:
                 break
-    except (ConnectionError, OSError, ValueError) as exc:
-        raise SmpoError(f"evaluate.prompts {spec!r}: could not read the hub dataset ({exc}); "
+    except SmpoError:
+        raise
+    except Exception as exc:  # offline, gone, gated, wrong split: all mean "not readable here"
+        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
+        raise SmpoError(f"evaluate.prompts {spec!r}: could not read the hub dataset ({first}); "
                         f"point evaluate.prompts at a local .txt or Parquet file") from exc
     return prompts
 

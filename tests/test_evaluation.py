@@ -1,0 +1,44 @@
+"""Prompt sets, win rates and summaries of the evaluate stage."""
+
+from __future__ import annotations
+
+import numpy as np
+import pyarrow as pa
+import pyarrow.parquet as pq
+import pytest
+
+from smpo_core.errors import SmpoError
+from smpo_core.evaluation import load_prompts, summarise, win_rate
+
+
+def test_win_rate_counts_ties_half():
+    tuned = np.array([1.0, 2.0, 3.0, 4.0])
+    base = np.array([0.0, 2.0, 5.0, 1.0])
+    assert win_rate(tuned, base) == pytest.approx((1 + 0.5 + 0 + 1) / 4)
+
+
+def test_summary_has_means_medians_and_win_rate():
+    summary = summarise({"m": np.array([1.0, 2.0, 9.0])}, {"m": np.array([2.0, 2.0, 3.0])})
+    assert summary["m"] == pytest.approx({"base_mean": 4.0, "base_median": 2.0,
+                                          "tuned_mean": 7 / 3, "tuned_median": 2.0,
+                                          "win_rate": 0.5})
+
+
+def test_prompt_sets_from_text_parquet_and_builtin(tmp_path):
+    text = tmp_path / "prompts.txt"
+    text.write_text("a cat\n\na dog\na cat\na bird\n")
+    assert load_prompts(str(text), 10) == ["a cat", "a dog", "a bird"]
+    parti = tmp_path / "parti.parquet"
+    pq.write_table(pa.table({"Prompt": ["x", "y", "x"], "Category": ["a", "b", "c"]}), parti)
+    assert load_prompts(str(parti), 10) == ["x", "y"]
+    tiny = load_prompts("builtin:tiny", 5)
+    assert len(tiny) == 5 and tiny == load_prompts("builtin:tiny", 5)
+
+
+def test_bad_prompt_sets_say_what_was_expected(tmp_path):
+    with pytest.raises(SmpoError, match="no such file"):
+        load_prompts(str(tmp_path / "missing.txt"), 3)
+    table = tmp_path / "t.parquet"
+    pq.write_table(pa.table({"other": ["x"]}), table)
+    with pytest.raises(SmpoError, match="has none of the columns caption, prompt"):
+        load_prompts(str(table), 3)
