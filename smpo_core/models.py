@@ -217,3 +217,30 @@ def noise_predictor(unet: UNet2DConditionModel, hidden: torch.Tensor,
         return unet(z.to(unet.dtype), timesteps, **condition).sample
 
     return eps
+
+
+LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections
+
+
+def add_lora(unet: UNet2DConditionModel, rank: int) -> int:
+    """Freeze the UNet and attach rank-`rank` LoRA adapters; returns the trainable count.
+
+    The adapters start as a zero update (peft's default), so the policy begins exactly at the
+    reference, as the SmPO loss assumes.
+    """
+    from peft import LoraConfig
+
+    unet.requires_grad_(False)
+    unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS)))
+    return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+def save_lora(unet: UNet2DConditionModel, folder: Path) -> None:
+    """The UNet's LoRA adapters in diffusers' layout (`pipe.load_lora_weights(folder)`)."""
+    from diffusers import StableDiffusionPipeline, StableDiffusionXLPipeline
+    from diffusers.utils import convert_state_dict_to_diffusers
+    from peft.utils import get_peft_model_state_dict
+
+    pipeline = StableDiffusionXLPipeline if uses_micro_conditions(unet) else StableDiffusionPipeline
+    layers = convert_state_dict_to_diffusers(get_peft_model_state_dict(unet))
+    pipeline.save_lora_weights(str(folder), unet_lora_layers=layers)

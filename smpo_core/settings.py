@@ -126,6 +126,10 @@ class TrainSettings(Section):
     timestep_sampling: Literal["level", "uniform"] = Field(
         "level", description="level: t on the inversion grid; uniform: t in the interval below."
     )
+    lora_rank: int = Field(
+        0, ge=0, description="0: fine-tune the whole UNet; r > 0: train rank-r LoRA adapters "
+        "on the attention projections only.",
+    )
     beta: float = Field(2000.0, gt=0, description="KL strength beta.")
     learning_rate: float = Field(1.024e-5, gt=0)
     warmup_steps: int = Field(100, ge=0)

@@ -3,7 +3,6 @@ both; per-prompt scores, summary with win rates, image grid and an HTML report."
 
 from __future__ import annotations
 
-from pathlib import Path
 from typing import Any
 
 import pyarrow as pa
@@ -48,8 +47,11 @@ def compute(run: StageRun) -> dict[str, Any]:
                   guidance_scale=cfg.guidance_scale, resolution=model_cfg.resolution,
                   batch_size=cfg.batch_size, on_batch=progress.update)
     images = {"base": generate(pipe, prompts, **sample)}
-    pipe.unet = UNet2DConditionModel.from_pretrained(
-        Path(run.input_dir("train")) / "unet", dtype=dtype).to(device)
+    tuned = run.input_dir("train")
+    if (tuned / "lora").is_dir():
+        pipe.load_lora_weights(str(tuned / "lora"))
+    else:
+        pipe.unet = UNet2DConditionModel.from_pretrained(tuned / "unet", dtype=dtype).to(device)
     images["tuned"] = generate(pipe, prompts, **sample)
     progress.close()
     scores = {name: score_all(metrics, images[name], prompts, batch_size=cfg.batch_size)
@@ -59,7 +61,7 @@ def compute(run: StageRun) -> dict[str, Any]:
               "guidance_scale": cfg.guidance_scale, "resolution": model_cfg.resolution,
               "seeds": f"{cfg.seed}..{cfg.seed + len(prompts) - 1}", "prompts": cfg.prompts,
               "num_prompts": len(prompts), "base_model": model_cfg.base,
-              "tuned_unet": str(Path(run.input_dir("train")) / "unet")}
+              "tuned_weights": run.inputs["train"].summary.get("weights_path")}
     _write_outputs(run, prompts, images, scores, summary, record)
     run.tracker.metrics({f"eval.{metric}.{k}": v for metric, s in summary.items()
                          for k, v in s.items()})

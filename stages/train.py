@@ -17,7 +17,7 @@ from prefect.cache_policies import NO_CACHE
 from smpo_core.errors import SmpoError
 from smpo_core.inversion import inversion_levels
 from smpo_core.losses import human_weight
-from smpo_core.models import resolve_device, resolve_dtype
+from smpo_core.models import add_lora, resolve_device, resolve_dtype, save_lora
 from smpo_core.report import training_curves
 from smpo_core.store import atomic_dir, atomic_path
 from smpo_core.training import (
@@ -67,6 +67,8 @@ def compute(run: StageRun) -> dict[str, Any]:
                                         cfg.labels)
     policy = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
                                                   revision=model_cfg.revision).to(device)
+    trainable = add_lora(policy, cfg.lora_rank) if cfg.lora_rank else sum(
+        p.numel() for p in policy.parameters())
     if cfg.gradient_checkpointing:
         policy.enable_gradient_checkpointing()
     policy.train()
@@ -83,8 +85,8 @@ def compute(run: StageRun) -> dict[str, Any]:
         mixed_precision=cfg.mixed_precision if device.type == "cuda" else "no",
         gradient_accumulation_steps=cfg.grad_accum, cpu=device.type == "cpu",
     )
-    optimizer = make_optimizer(cfg.optimizer, policy.parameters(), cfg.learning_rate,
-                               cfg.weight_decay)
+    optimizer = make_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad],
+                               cfg.learning_rate, cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
     policy, optimizer, schedule = accelerator.prepare(policy, optimizer, schedule)
 
@@ -117,8 +119,12 @@ def compute(run: StageRun) -> dict[str, Any]:
     train_loop(policy, reference, data, alphas_cumprod, step_cfg, loop, optimizer,
                       schedule, accelerator, start_step, on_metrics, on_checkpoint)
     progress.close()
-    with atomic_dir(run.out_dir / "unet") as tmp:
-        accelerator.unwrap_model(policy).save_pretrained(tmp)
+    weights = "lora" if cfg.lora_rank else "unet"
+    with atomic_dir(run.out_dir / weights) as tmp:
+        if cfg.lora_rank:
+            save_lora(accelerator.unwrap_model(policy), tmp)
+        else:
+            accelerator.unwrap_model(policy).save_pretrained(tmp)
     _write_history(run, history)
     first, last = (history[0], history[-1]) if history else ({}, {})
     return {
@@ -129,7 +135,8 @@ def compute(run: StageRun) -> dict[str, Any]:
         "mean_step_seconds": float(np.mean([h["step_seconds"] for h in history]))
         if history else None,
         "method": cfg.method, "labels": cfg.labels, "trajectory": cfg.trajectory,
-        "unet": str(run.out_dir / "unet"),
+        "weights": weights, "trainable_parameters": trainable,
+        "weights_path": str(run.out_dir / weights),
     }
 
 

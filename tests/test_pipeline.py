@@ -45,7 +45,9 @@ def runs(tmp_path_factory):
                     f"score.processor=builtin:{processor}"]))
                 for kind, processor in (("hpsv2", "tiny-hpsv2-tokenizer"),
                                         ("imagereward", "tiny-imagereward-bert"))}
-    return {"other_rewards": other_rewards, "store": store, "first": _by_stage(first),
+            lora = _by_stage(smpo(store=str(store), overrides=["train.lora_rank=4"]))
+    return {"lora": lora, "other_rewards": other_rewards, "store": store,
+            "first": _by_stage(first),
             "second": _by_stage(second),
             "third": _by_stage(third), "fourth": _by_stage(fourth), "forced": _by_stage(forced),
             "resumed": _by_stage(resumed), "unet_before": unet_before}
@@ -184,7 +186,7 @@ def test_mlflow_parent_with_nested_stage_runs(runs):
                                  filter_string="tags.`smpo.profile` = 'tiny'",
                                  order_by=["attributes.start_time ASC"])
     parents = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 8
+    assert len(parents) == 9
     first, second = parents[0], parents[1]
     assert first.data.tags["prefect.flow_run_id"]
     assert first.data.tags["smpo.code_version"]
@@ -231,3 +233,19 @@ def test_score_stage_with_official_checkpoint_formats(runs, kind):
     assert labels.num_rows == _manifest(runs["first"]["download"])["pairs"]
     rewards = labels.column("reward_0").to_numpy()
     assert np.isfinite(rewards).all() and rewards.std() > 0
+
+
+def test_lora_training_writes_adapters_that_evaluate_loads(runs):
+    from safetensors.torch import load_file
+
+    lora = runs["lora"]
+    assert {s for s, r in lora.items() if not r["reused"]} == {"train", "evaluate"}
+    folder = Path(lora["train"]["path"])
+    manifest = _manifest(lora["train"])
+    assert manifest["weights"] == "lora" and not (folder / "unet").exists()
+    assert 0 < manifest["trainable_parameters"] < 50_000  # adapters only, not the UNet
+    adapters = load_file(folder / "lora" / "pytorch_lora_weights.safetensors")
+    assert adapters and all(".lora" in key for key in adapters)
+    assert any(t.abs().sum() > 0 for k, t in adapters.items() if "lora.up" in k)
+    summary = json.loads((Path(lora["evaluate"]["path"]) / "summary.json").read_text())
+    assert summary["generation"]["tuned_weights"].endswith("lora")
