@@ -17,23 +17,13 @@ import tempfile
 import time
 from pathlib import Path
 
-import pyarrow.parquet as pq
 import torch
 
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import load_diffusion, resolve_device
-from smpo_core.pickapic import jpeg_error
-from smpo_core.synthetic import build_tiny_diffusion, write_synthetic_pickapic
+from smpo_core.synthetic import build_tiny_diffusion, trainable_pairs
 from smpo_core.training import PairBatch, StepConfig, smpo_loss
 from smpo_core.trajectories import invert_pair_batch
-
-
-def synthetic_rows(folder: Path, count: int) -> list[dict]:
-    files = write_synthetic_pickapic(folder, num_pairs=max(64, 4 * count), seed=1, num_files=1)
-    rows = [r for r in pq.read_table(files[0]).to_pylist()
-            if r["has_label"] and r["label_0"] != 0.5 and r["image_0_uid"] != r["image_1_uid"]
-            and jpeg_error(r["jpg_0"]) is None and jpeg_error(r["jpg_1"]) is None]
-    return [dict(r, pair_id=r["ranking_id"]) for r in rows[:count]]
 
 
 def time_steps(policy, reference, batch, alphas, cfg, steps, device) -> list[float]:
@@ -71,7 +61,7 @@ def main() -> None:
         model_dir = args.model or str(build_tiny_diffusion(Path(tmp) / "sd"))
         model = load_diffusion(model_dir, device, torch.float32)
         levels = inversion_levels(args.levels, model.scheduler.config.num_train_timesteps)
-        rows = synthetic_rows(Path(tmp) / "data", args.batch)
+        rows = trainable_pairs(Path(tmp) / "data", args.batch, seed=1)
         inverted = invert_pair_batch(model, rows, levels, args.resolution,
                                      args.renoise_steps, "mean")
     weight = torch.linspace(-3, 3, len(rows), device=device)

@@ -485,3 +485,15 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0, resolution: int = 32) -> Path:
         pipeline.save_pretrained(path)
 
     return build_once(out_dir, "model_index.json", build)
+
+
+def trainable_pairs(out_dir: Path, count: int, seed: int = 0) -> list[dict]:
+    """`count` synthetic pairs that pass the download filters, as rows with a `pair_id`: for
+    tests and benchmarks that need inputs to inversion or training without the stages."""
+    from smpo_core.pickapic import classify
+
+    files = write_synthetic_pickapic(out_dir, num_pairs=max(64, 4 * count), seed=seed,
+                                     num_files=1)
+    rows = [row for row in pq.read_table(files[0]).to_pylist()
+            if classify(row, set())[0] is None]
+    return [dict(row, pair_id=row["ranking_id"]) for row in rows[:count]]

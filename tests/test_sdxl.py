@@ -4,15 +4,13 @@ from __future__ import annotations
 
 import copy
 
-import pyarrow.parquet as pq
 import pytest
 import torch
 
 from smpo_core.evaluation import build_pipeline, generate
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import encode_captions, load_diffusion
-from smpo_core.pickapic import jpeg_error
-from smpo_core.synthetic import build_tiny_sdxl, write_synthetic_pickapic
+from smpo_core.synthetic import build_tiny_sdxl, trainable_pairs
 from smpo_core.training import CachedPairs, PairBatch, StepConfig, smpo_loss
 from smpo_core.trajectories import TrajectoryCache, build_cache, invert_pair_batch, write_cache_meta
 
@@ -24,10 +22,7 @@ def sdxl(tmp_path_factory):
     root = tmp_path_factory.mktemp("sdxl")
     folder = build_tiny_sdxl(root / "model")
     model = load_diffusion(str(folder), torch.device("cpu"), torch.float32)
-    files = write_synthetic_pickapic(root / "data", num_pairs=30, seed=5, num_files=1)
-    rows = [dict(r, pair_id=r["ranking_id"]) for r in pq.read_table(files[0]).to_pylist()
-            if r["has_label"] and r["label_0"] != 0.5 and r["image_0_uid"] != r["image_1_uid"]
-            and jpeg_error(r["jpg_0"]) is None and jpeg_error(r["jpg_1"]) is None][:4]
+    rows = trainable_pairs(root / "data", 4, seed=5)
     return folder, model, rows, root
 
 

@@ -11,7 +11,7 @@ from accelerate import Accelerator
 
 from smpo_core.inversion import implied_noise, inversion_levels
 from smpo_core.models import load_diffusion
-from smpo_core.synthetic import build_tiny_diffusion, write_synthetic_pickapic
+from smpo_core.synthetic import build_tiny_diffusion, trainable_pairs
 from smpo_core.training import (
     LoopConfig,
     PairBatch,
@@ -31,25 +31,14 @@ LEVELS = inversion_levels(5)
 @pytest.fixture(scope="module")
 def tiny(tmp_path_factory):
     """The tiny diffusion model and 8 inverted pairs with preference weights."""
-    import pyarrow.parquet as pq
-
     root = tmp_path_factory.mktemp("tiny")
     model = load_diffusion(str(build_tiny_diffusion(root / "sd")), torch.device("cpu"),
                            torch.float32)
-    files = write_synthetic_pickapic(root / "data", num_pairs=40, seed=3, num_files=1)
-    rows = [r for r in pq.read_table(files[0]).to_pylist()
-            if r["has_label"] and r["label_0"] != 0.5 and r["image_0_uid"] != r["image_1_uid"]]
-    rows = [dict(r, pair_id=r["ranking_id"]) for r in rows if _decodes(r)][:8]
+    rows = trainable_pairs(root / "data", 8, seed=3)
     inverted = invert_pair_batch(model, rows, LEVELS, 32, renoise_steps=1, average="mean")
     weight = torch.linspace(-4, 4, len(rows))
     winner = (weight < 0).long()
     return model, PairBatch(inverted.z0, inverted.z, inverted.text, weight, winner)
-
-
-def _decodes(row) -> bool:
-    from smpo_core.pickapic import jpeg_error
-
-    return jpeg_error(row["jpg_0"]) is None and jpeg_error(row["jpg_1"]) is None
 
 
 def _cfg(**changes) -> StepConfig:
