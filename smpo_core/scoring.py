@@ -3,16 +3,18 @@
 from __future__ import annotations
 
 import io
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from pathlib import Path
 
 import numpy as np
 import pyarrow as pa
+import pyarrow.parquet as pq
 from PIL import Image
 
-from smpo_core.pickapic import iter_pairs
+from smpo_core.pickapic import iter_pairs, pair_shards
 from smpo_core.rewards import RewardModel
 from smpo_core.smoothing import SmoothingBounds, smoothed_preference, smoothed_weight
+from smpo_core.store import atomic_path
 
 LABELS_SCHEMA = pa.schema(
     [
@@ -33,43 +35,66 @@ def decode_image(data: bytes) -> Image.Image:
         return image.convert("RGB")
 
 
+def _batched(items: Iterator, size: int) -> Iterator[list]:
+    batch = []
+    for item in items:
+        batch.append(item)
+        if len(batch) == size:
+            yield batch
+            batch = []
+    if batch:
+        yield batch
+
+
+def _image_queue(shard: Path, known: set[str]) -> Iterator[tuple[str, Image.Image, str]]:
+    """(uid, image, caption) of each image in a pair shard whose uid is not yet known."""
+    columns = ["caption", "image_0_uid", "image_1_uid", "jpg_0", "jpg_1"]
+    for batch in pq.ParquetFile(shard).iter_batches(batch_size=256, columns=columns):
+        for row in batch.to_pylist():
+            for i in (0, 1):
+                uid = row[f"image_{i}_uid"]
+                if uid not in known:
+                    known.add(uid)
+                    yield uid, decode_image(row[f"jpg_{i}"]), row["caption"]
+
+
 def score_unique_images(
     pairs_dir: Path,
     reward: RewardModel,
     batch_size: int,
+    out_dir: Path,
     on_scored: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Reward of every distinct image uid in the pairs (pairs share images: score each once)."""
+    """Reward of every distinct image uid in the pairs (pairs share images: score each once).
+
+    Rewards are written per pair shard (`rewards-NNNNN.parquet`, image uid -> reward) as each
+    shard finishes, so a crashed run resumes after its last complete shard.
+    """
     scores: dict[str, float] = {}
-    queue_uids: list[str] = []
-    queue_images: list[Image.Image] = []
-    queue_captions: list[str] = []
-
-    def drain() -> None:
-        values = reward.score(queue_images, queue_captions, batch_size=batch_size)
-        scores.update(zip(queue_uids, values.tolist(), strict=True))
-        if on_scored:
-            on_scored(len(queue_uids))
-        queue_uids.clear()
-        queue_images.clear()
-        queue_captions.clear()
-
-    columns = ["caption", "image_0_uid", "image_1_uid", "jpg_0", "jpg_1"]
-    queued: set[str] = set()
-    for batch in iter_pairs(pairs_dir, columns=columns):
-        for row in batch.to_pylist():
-            for i in (0, 1):
-                uid = row[f"image_{i}_uid"]
-                if uid in scores or uid in queued:
-                    continue
-                queued.add(uid)
-                queue_uids.append(uid)
-                queue_images.append(decode_image(row[f"jpg_{i}"]))
-                queue_captions.append(row["caption"])
-                if len(queue_uids) == batch_size:
-                    drain()
-    if queue_uids:
-        drain()
+    known: set[str] = set()
+    for index, shard in enumerate(pair_shards(pairs_dir)):
+        part = Path(out_dir) / f"rewards-{index:05d}.parquet"
+        if part.is_file():  # done before a crash: reuse
+            table = pq.read_table(part)
+            done = dict(zip(table.column("uid").to_pylist(),
+                            table.column("reward").to_pylist(), strict=True))
+            if on_scored:
+                on_scored(len(done))
+        else:
+            done = {}
+            # Decoded images are held one batch at a time: a shard's worth would not fit.
+            for chunk in _batched(_image_queue(shard, set(known)), batch_size):
+                uids, images, captions = zip(*chunk, strict=True)
+                values = reward.score(list(images), list(captions), batch_size=batch_size)
+                done.update(zip(uids, values.tolist(), strict=True))
+                if on_scored:
+                    on_scored(len(chunk))
+            with atomic_path(part) as tmp:
+                pq.write_table(pa.table({"uid": pa.array(list(done), pa.string()),
+                                         "reward": pa.array(list(done.values()), pa.float64())}),
+                               tmp)
+        scores.update(done)
+        known.update(done)
     return scores
 
 

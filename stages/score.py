@@ -35,7 +35,8 @@ def compute(run: StageRun) -> dict[str, Any]:
     pairs_dir = run.input_dir("download")
     pairs = run.inputs["download"].summary["pairs"]
     progress = run.progress(total=2 * pairs, unit="images")
-    scores = score_unique_images(pairs_dir, reward, cfg.batch_size, on_scored=progress.update)
+    scores = score_unique_images(pairs_dir, reward, cfg.batch_size, run.out_dir,
+                                 on_scored=progress.update)
     progress.close()
     rewards = pair_rewards(pairs_dir, scores)
     all_scores = np.array(list(scores.values()))
