@@ -13,6 +13,7 @@ from PIL import Image, ImageDraw
 
 from smpo_core.errors import SmpoError
 from smpo_core.rewards import RewardModel
+from smpo_core.store import atomic_path
 
 PROMPT_COLUMNS = ("caption", "prompt", "Prompt", "text")  # Pick-a-Pic, HPDv2, PartiPrompts
 
@@ -103,20 +104,39 @@ def generate(
     guidance_scale: float,
     resolution: int,
     batch_size: int,
+    save_to: Path | None = None,
     on_batch: Callable[[int], None] | None = None,
 ) -> list[Image.Image]:
-    """Image i from generator seed `seed + i`: base and tuned see the same initial noise."""
+    """Image i from generator seed `seed + i`: base and tuned see the same initial noise.
+
+    With `save_to`, image i is kept as `save_to/iiii.png` as soon as it is drawn, and a batch
+    whose images are all there already is read back instead of drawn again (resume).
+    """
     images: list[Image.Image] = []
     for start in range(0, len(prompts), batch_size):
         chunk = list(prompts[start:start + batch_size])
-        generators = [torch.Generator("cpu").manual_seed(seed + start + i)
-                      for i in range(len(chunk))]
-        out = pipe(chunk, generator=generators, num_inference_steps=num_inference_steps,
-                   guidance_scale=guidance_scale, height=resolution, width=resolution)
-        images += out.images
+        files = [Path(save_to) / f"{start + i:04d}.png" for i in range(len(chunk))] \
+            if save_to else []
+        if files and all(f.is_file() for f in files):
+            drawn = [_read_png(f) for f in files]
+        else:
+            generators = [torch.Generator("cpu").manual_seed(seed + start + i)
+                          for i in range(len(chunk))]
+            drawn = pipe(chunk, generator=generators, num_inference_steps=num_inference_steps,
+                         guidance_scale=guidance_scale, height=resolution,
+                         width=resolution).images
+            for image, file in zip(drawn, files, strict=False):
+                with atomic_path(file) as tmp:
+                    image.save(tmp, format="PNG")
+        images += drawn
         if on_batch:
             on_batch(len(chunk))
     return images
+
+
+def _read_png(path: Path) -> Image.Image:
+    with Image.open(path) as image:
+        return image.convert("RGB")
 
 
 def score_all(metrics: dict[str, RewardModel], images: Sequence[Image.Image],

@@ -46,13 +46,15 @@ def compute(run: StageRun) -> dict[str, Any]:
     sample = dict(seed=cfg.seed, num_inference_steps=cfg.num_inference_steps,
                   guidance_scale=cfg.guidance_scale, resolution=model_cfg.resolution,
                   batch_size=cfg.batch_size, on_batch=progress.update)
-    images = {"base": generate(pipe, prompts, **sample)}
+    images = {"base": generate(pipe, prompts, save_to=run.out_dir / "images" / "base",
+                               **sample)}
     tuned = run.input_dir("train")
     if (tuned / "lora").is_dir():
         pipe.load_lora_weights(str(tuned / "lora"))
     else:
         pipe.unet = UNet2DConditionModel.from_pretrained(tuned / "unet", dtype=dtype).to(device)
-    images["tuned"] = generate(pipe, prompts, **sample)
+    images["tuned"] = generate(pipe, prompts, save_to=run.out_dir / "images" / "tuned",
+                               **sample)
     progress.close()
     scores = {name: score_all(metrics, images[name], prompts, batch_size=cfg.batch_size)
               for name in images}
@@ -71,12 +73,6 @@ def compute(run: StageRun) -> dict[str, Any]:
 def _write_outputs(run: StageRun, prompts: list[str], images: dict, scores: dict,
                    summary: dict, record: dict) -> None:
     out = run.out_dir
-    for name, pictures in images.items():
-        folder = out / "images" / name
-        folder.mkdir(parents=True, exist_ok=True)
-        for i, picture in enumerate(pictures):
-            with atomic_path(folder / f"{i:04d}.png") as tmp:
-                picture.save(tmp, format="PNG")
     columns: dict[str, Any] = {"prompt_index": list(range(len(prompts))), "prompt": prompts,
                                "seed": [run.settings.evaluate.seed + i
                                         for i in range(len(prompts))]}

@@ -42,3 +42,34 @@ def test_bad_prompt_sets_say_what_was_expected(tmp_path):
     pq.write_table(pa.table({"other": ["x"]}), table)
     with pytest.raises(SmpoError, match="has none of the columns caption, prompt"):
         load_prompts(str(table), 3)
+
+
+def test_generation_keeps_each_image_and_resumes_without_redrawing(tmp_path):
+    import torch
+
+    from smpo_core.evaluation import build_pipeline, generate
+    from smpo_core.synthetic import build_tiny_diffusion
+
+    pipe = build_pipeline(str(build_tiny_diffusion(tmp_path / "sd")), torch.device("cpu"),
+                          torch.float32)
+    args = dict(seed=3, num_inference_steps=2, guidance_scale=5.0, resolution=32, batch_size=2)
+    prompts = ["a red circle", "a blue square", "a green diamond"]
+    first = generate(pipe, prompts, save_to=tmp_path / "images", **args)
+    assert sorted(p.name for p in (tmp_path / "images").iterdir()) == \
+        ["0000.png", "0001.png", "0002.png"]
+    (tmp_path / "images" / "0002.png").unlink()  # a run killed during the last batch
+
+    calls = []
+    original = pipe.__class__.__call__
+
+    def counting(self, *a, **k):
+        calls.append(a[0] if a else k.get("prompt"))
+        return original(self, *a, **k)
+
+    pipe.__class__.__call__ = counting
+    try:
+        again = generate(pipe, prompts, save_to=tmp_path / "images", **args)
+    finally:
+        pipe.__class__.__call__ = original
+    assert calls == [["a green diamond"]]  # only the missing batch is drawn again
+    assert [im.tobytes() for im in again] == [im.tobytes() for im in first]
