@@ -9,8 +9,11 @@ from pathlib import Path
 import numpy as np
 import pyarrow as pa
 import pyarrow.parquet as pq
+import torch
 from PIL import Image
 
+from smpo_core.errors import SmpoError
+from smpo_core.losses import human_weight
 from smpo_core.pickapic import iter_pairs, pair_shards
 from smpo_core.rewards import RewardModel
 from smpo_core.smoothing import SmoothingBounds, smoothed_preference, smoothed_weight
@@ -137,3 +140,20 @@ def human_agreement(labels: pa.Table) -> float:
     if len(p) == 0:
         return float("nan")
     return float(np.mean((p > 0.5) == (human > 0.5)))
+
+
+def preference_targets(labels_file: Path, pair_ids: list[int], labels: str
+                       ) -> tuple[torch.Tensor, torch.Tensor]:
+    """Per cached pair: the preference weight (smoothed w or human ±1) and the human winner."""
+    table = pq.read_table(labels_file, columns=["pair_id", "weight", "label_0"]).to_pandas()
+    table = table.set_index("pair_id")
+    missing = [p for p in pair_ids if p not in table.index]
+    if missing:
+        raise SmpoError(f"{labels_file}: no labels for {len(missing)} cached pairs "
+                        f"(e.g. pair {missing[0]}); rerun score and invert on the same download")
+    rows = table.loc[pair_ids]
+    label_0 = rows["label_0"].to_numpy(np.float64)
+    smoothed = torch.tensor(rows["weight"].to_numpy(np.float64), dtype=torch.float32)
+    weight = human_weight(label_0) if labels == "human" else smoothed
+    winner = torch.tensor((label_0 < 0.5).astype(np.int64))
+    return weight, winner

@@ -3,22 +3,19 @@
 from __future__ import annotations
 
 import json
-from pathlib import Path
 from typing import Any
 
 import numpy as np
-import pyarrow.parquet as pq
 import torch
 from accelerate import Accelerator
 from diffusers import DDIMScheduler, UNet2DConditionModel
 from prefect import task
 from prefect.cache_policies import NO_CACHE
 
-from smpo_core.errors import SmpoError
 from smpo_core.inversion import inversion_levels
-from smpo_core.losses import human_weight
 from smpo_core.models import add_lora, resolve_device, resolve_dtype, save_lora
 from smpo_core.report import training_curves
+from smpo_core.scoring import preference_targets
 from smpo_core.store import atomic_dir, atomic_path
 from smpo_core.training import (
     CachedPairs,
@@ -36,23 +33,6 @@ from stages.score import LABELS
 
 VERSION = "1"
 STATE = "train_state.pt"
-
-
-def preference_targets(labels_file: Path, pair_ids: list[int], labels: str
-                       ) -> tuple[torch.Tensor, torch.Tensor]:
-    """Per cached pair: the preference weight (smoothed w or human ±1) and the human winner."""
-    table = pq.read_table(labels_file, columns=["pair_id", "weight", "label_0"]).to_pandas()
-    table = table.set_index("pair_id")
-    missing = [p for p in pair_ids if p not in table.index]
-    if missing:
-        raise SmpoError(f"{labels_file}: no labels for {len(missing)} cached pairs "
-                        f"(e.g. pair {missing[0]}); rerun score and invert on the same download")
-    rows = table.loc[pair_ids]
-    label_0 = rows["label_0"].to_numpy(np.float64)
-    smoothed = torch.tensor(rows["weight"].to_numpy(np.float64), dtype=torch.float32)
-    weight = human_weight(label_0) if labels == "human" else smoothed
-    winner = torch.tensor((label_0 < 0.5).astype(np.int64))
-    return weight, winner
 
 
 def compute(run: StageRun) -> dict[str, Any]:

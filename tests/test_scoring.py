@@ -92,3 +92,21 @@ def test_soft_labels_follow_the_smoothing_formula(tmp_path):
     np.testing.assert_allclose(labels.column("p").to_numpy(), p)
     np.testing.assert_allclose(labels.column("weight").to_numpy(), 10 * (2 * p - 1))
     assert labels.column("label_0").to_pylist() == [0.0, 1.0, 0.0, 1.0]
+
+
+def test_preference_targets_per_cached_pair(tmp_path):
+    import torch
+
+    from smpo_core.errors import SmpoError
+    from smpo_core.scoring import preference_targets
+
+    labels = tmp_path / "labels.parquet"
+    pq.write_table(pa.table({"pair_id": [7, 8, 9], "weight": [2.5, -1.0, 0.25],
+                             "label_0": [1.0, 0.0, 0.0]}), labels)
+    weight, winner = preference_targets(labels, [9, 7], "smoothed")
+    assert weight.tolist() == [0.25, 2.5] and winner.tolist() == [1, 0]
+    weight, _ = preference_targets(labels, [9, 7], "human")
+    assert weight.tolist() == [-1.0, 1.0]
+    assert weight.dtype == torch.float32
+    with pytest.raises(SmpoError, match="no labels for 1 cached pairs"):
+        preference_targets(labels, [7, 10], "smoothed")
