@@ -58,7 +58,6 @@ class Config:
 
     @classmethod
     def from_env(cls) -> Config:
-        # The same store rule as flows.pipeline.default_store (not imported: it loads torch).
         store = Path(default_store()).resolve()
         pool = os.environ.get("SMPO_WORK_POOL") or DEFAULT_POOL
         if re.search(r"[/%&><]", pool):
