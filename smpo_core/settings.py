@@ -51,7 +51,7 @@ def _plain(value: Any) -> Any:
 class ModelSettings(Section):
     base: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        description="Base diffusion model: hub id, local diffusers folder, or builtin:tiny-sd.",
+        description="Base model (SD or SDXL): hub id, diffusers folder, builtin:tiny-sd(xl).",
     )
     revision: str | None = Field(None, description="Hub revision of the base model.")
     vae: str | None = Field(
