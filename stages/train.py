@@ -96,8 +96,8 @@ def compute(run: StageRun) -> dict[str, Any]:
         save_train_state(state_file, accelerator.unwrap_model(policy), optimizer, schedule,
                          step, history)
 
-    train_loop(policy, reference, data, alphas_cumprod, step_cfg, loop, optimizer,
-                      schedule, accelerator, start_step, on_metrics, on_checkpoint)
+    train_loop(policy, reference, data, alphas_cumprod, step_cfg, loop, optimizer, schedule,
+               accelerator, start_step, on_metrics, on_checkpoint)
     progress.close()
     weights = "lora" if cfg.lora_rank else "unet"
     with atomic_dir(run.out_dir / weights) as tmp:
