@@ -8,7 +8,7 @@ from __future__ import annotations
 
 import os
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError
@@ -145,6 +145,8 @@ class TrainSettings(Section):
     seed: int = 0
     checkpoint_every: int = _runtime(50, "Save resumable training state every N steps.")
     log_every: int = _runtime(1, "Log metrics every N optimiser steps.")
+    num_processes: Annotated[int, Field(gt=0)] = _runtime(
+        1, "Processes (GPUs) for training; > 1 runs the training under `accelerate launch`.")
 
 
 class EvaluateSettings(Section):

@@ -97,12 +97,21 @@ def place_on_trajectory(
     return forward_noise(batch.z0.float(), tau, abar_t), tau
 
 
+def bare(unet: torch.nn.Module) -> UNet2DConditionModel:
+    """The UNet inside a DDP wrapper, for its `dtype` and config; a training forward pass
+    goes through the wrapper, which synchronises the gradients."""
+    if isinstance(unet, torch.nn.parallel.DistributedDataParallel):
+        return unet.module
+    return unet
+
+
 def predict_pairs(unet: UNet2DConditionModel, z_t: torch.Tensor, t: torch.Tensor,
                   batch: PairBatch) -> torch.Tensor:
     """The UNet's noise prediction for both images of every pair, (B, 2, C, H, W)."""
     b = z_t.shape[0]
-    flat = z_t.reshape(2 * b, *z_t.shape[2:]).to(unet.dtype)
-    pred = unet(flat, t.repeat_interleave(2).to(z_t.device), **batch.condition(unet)).sample
+    flat = z_t.reshape(2 * b, *z_t.shape[2:]).to(bare(unet).dtype)
+    pred = unet(flat, t.repeat_interleave(2).to(z_t.device),
+                **batch.condition(bare(unet))).sample
     return pred.reshape(z_t.shape)
 
 
@@ -119,6 +128,7 @@ def online_trajectory(policy: UNet2DConditionModel, batch: PairBatch,
     """Invert the batch with the policy being trained, as the authors' code does: (B,2,K,...)."""
     b = batch.z0.shape[0]
     z0 = batch.z0.reshape(2 * b, *batch.z0.shape[2:])
+    policy = bare(policy)  # no gradients here: nothing for DDP to synchronise
     condition = batch.condition(policy)
 
     def eps(z: torch.Tensor, t: int) -> torch.Tensor:
@@ -179,13 +189,19 @@ def train_loop(
     on_checkpoint: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
     """Optimiser steps `start_step`..`max_steps`; `next_batch(micro_index)` is deterministic in
-    its index, so a resumed run sees the batches an uninterrupted one would have."""
+    its index, so a resumed run sees the batches an uninterrupted one would have.
+
+    Under DDP (W processes), process r takes micro-batch index i * W + r at its i-th
+    micro-step: the W processes together see the same micro-batches, with the same seeds, as
+    one process with W times `grad_accum`, and metrics are averaged over the processes.
+    """
+    world, rank = accelerator.num_processes, accelerator.process_index
     last: dict[str, float] = {}
     for step in range(start_step, loop.max_steps):
         started = time.perf_counter()
         totals: dict[str, float] = {}
         for micro in range(loop.grad_accum):
-            batch, generator = next_batch(step * loop.grad_accum + micro)
+            batch, generator = next_batch((step * loop.grad_accum + micro) * world + rank)
             with accelerator.accumulate(policy), accelerator.autocast():
                 loss, metrics = smpo_loss(policy, reference, batch, alphas_cumprod, step_cfg,
                                           generator)
@@ -201,6 +217,8 @@ def train_loop(
         totals["grad_norm"] = totals.get("grad_norm", 0.0) * loop.grad_accum
         totals["lr"] = lr_schedule.get_last_lr()[0]
         totals["step_seconds"] = time.perf_counter() - started
+        if world > 1:
+            totals = _mean_over_processes(totals, accelerator)
         if not all(math.isfinite(v) for v in totals.values()):
             raise SmpoError(
                 f"train: the loss diverged at step {step + 1} (non-finite metrics "
@@ -212,6 +230,14 @@ def train_loop(
         if on_checkpoint and (step + 1) % loop.checkpoint_every == 0:
             on_checkpoint(step + 1)
     return last
+
+
+def _mean_over_processes(metrics: dict[str, float], accelerator) -> dict[str, float]:
+    """The same metrics on every process, so every process takes the same decisions."""
+    names = list(metrics)
+    values = torch.tensor([metrics[name] for name in names], dtype=torch.float64,
+                          device=accelerator.device)
+    return dict(zip(names, accelerator.reduce(values, "mean").tolist(), strict=True))
 
 
 def warmup_constant(warmup_steps: int) -> Callable[[int], float]:
