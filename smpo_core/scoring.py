@@ -152,7 +152,7 @@ def preference_targets(labels_file: Path, pair_ids: list[int], labels: str
         raise SmpoError(f"{labels_file}: no labels for {len(missing)} cached pairs "
                         f"(e.g. pair {missing[0]}); rerun score and invert on the same download")
     rows = table.loc[pair_ids]
-    label_0 = rows["label_0"].to_numpy(np.float64)
+    label_0 = rows["label_0"].to_numpy(np.float64, copy=True)  # torch wants a writable array
     smoothed = torch.tensor(rows["weight"].to_numpy(np.float64), dtype=torch.float32)
     weight = human_weight(label_0) if labels == "human" else smoothed
     winner = torch.tensor((label_0 < 0.5).astype(np.int64))
