@@ -357,6 +357,26 @@ def _text_config(tokenizer: CLIPTokenizer) -> dict:
             "pad_token_id": tokenizer.pad_token_id}
 
 
+def _tiny_vae(resolution: int, scaling_factor: float):
+    """A small random AutoencoderKL with a downsampling factor of 2 and 4 latent channels."""
+    from diffusers import AutoencoderKL
+
+    return AutoencoderKL(
+        in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
+        up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
+        layers_per_block=1, latent_channels=4, sample_size=resolution,
+        scaling_factor=scaling_factor)
+
+
+def _sd_scheduler():
+    """DDIM with the noise schedule SD1.5 and SDXL were trained on."""
+    from diffusers import DDIMScheduler
+
+    return DDIMScheduler(
+        beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
+        num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+
+
 def build_tiny_diffusion(out_dir: Path, seed: int = 0, resolution: int = 32) -> Path:
     """Save a small random SD1.5-shaped `StableDiffusionPipeline` (VAE factor 2) to `out_dir`.
 
@@ -371,8 +391,6 @@ def build_tiny_diffusion(out_dir: Path, seed: int = 0, resolution: int = 32) -> 
         # Imported here: the data writer above must stay cheap to import (no diffusers).
         import torch
         from diffusers import (
-            AutoencoderKL,
-            DDIMScheduler,
             StableDiffusionPipeline,
             UNet2DConditionModel,
         )
@@ -387,15 +405,9 @@ def build_tiny_diffusion(out_dir: Path, seed: int = 0, resolution: int = 32) -> 
                 down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
                 up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
                 cross_attention_dim=32, attention_head_dim=8)
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
-                layers_per_block=1, latent_channels=4, sample_size=resolution,
-                scaling_factor=0.18215)
+            vae = _tiny_vae(resolution, scaling_factor=0.18215)
             text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer)))
-        scheduler = DDIMScheduler(  # SD1.5's training schedule
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        scheduler = _sd_scheduler()
         pipeline = StableDiffusionPipeline(
             vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
             scheduler=scheduler, safety_checker=None, feature_extractor=None,
@@ -447,8 +459,6 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0, resolution: int = 32) -> Path:
     def build(path: Path) -> None:
         import torch
         from diffusers import (
-            AutoencoderKL,
-            DDIMScheduler,
             StableDiffusionXLPipeline,
             UNet2DConditionModel,
         )
@@ -468,17 +478,11 @@ def build_tiny_sdxl(out_dir: Path, seed: int = 0, resolution: int = 32) -> Path:
                 # 6 size/crop ids x 8 + the second encoder's 32-wide pooled projection.
                 projection_class_embeddings_input_dim=6 * 8 + 32,
                 cross_attention_dim=2 * text["hidden_size"])
-            vae = AutoencoderKL(
-                in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-                up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(32, 64),
-                layers_per_block=1, latent_channels=4, sample_size=resolution,
-                scaling_factor=0.13025)
+            vae = _tiny_vae(resolution, scaling_factor=0.13025)
             text_encoder = CLIPTextModel(CLIPTextConfig(**text))
             text_encoder_2 = CLIPTextModelWithProjection(CLIPTextConfig(**text,
                                                                         projection_dim=32))
-        scheduler = DDIMScheduler(
-            beta_start=0.00085, beta_end=0.012, beta_schedule="scaled_linear",
-            num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
+        scheduler = _sd_scheduler()
         pipeline = StableDiffusionXLPipeline(
             vae=vae, text_encoder=text_encoder, text_encoder_2=text_encoder_2,
             tokenizer=tokenizer, tokenizer_2=tokenizer, unet=unet, scheduler=scheduler)
