@@ -11,7 +11,8 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline
 from PIL import Image, ImageDraw
 
-from smpo_core.errors import SmpoError
+from smpo_core.errors import SmpoError, first_line
+from smpo_core.refs import looks_local
 from smpo_core.rewards import RewardModel
 from smpo_core.store import atomic_path
 
@@ -39,7 +40,7 @@ def load_prompts(spec: str, num_prompts: int) -> list[str]:
         for file in files:
             column = _prompt_column(pq.ParquetFile(file).schema_arrow.names, str(file))
             prompts += pq.read_table(file, columns=[column]).column(column).to_pylist()
-    elif "@" in spec and not spec.startswith((".", "/", "~")):
+    elif "@" in spec and not looks_local(spec):
         prompts = _hub_prompts(spec, num_prompts)
     else:
         raise SmpoError(f"evaluate.prompts {spec!r}: no such file; expected builtin:tiny, a "
@@ -74,8 +75,8 @@ def _hub_prompts(spec: str, num_prompts: int) -> list[str]:
     except SmpoError:
         raise
     except Exception as exc:  # offline, gone, gated, wrong split: all mean "not readable here"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SmpoError(f"evaluate.prompts {spec!r}: could not read the hub dataset ({first}); "
+        raise SmpoError(f"evaluate.prompts {spec!r}: could not read the hub dataset "
+                        f"({first_line(exc)}); "
                         f"point evaluate.prompts at a local .txt or Parquet file") from exc
     return prompts
 

@@ -13,7 +13,8 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
-from smpo_core.errors import SmpoError
+from smpo_core.errors import SmpoError, first_line
+from smpo_core.refs import looks_local
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
 
@@ -88,7 +89,7 @@ def unet_condition(unet: UNet2DConditionModel, hidden: torch.Tensor,
 
 
 def _check_model_ref(ref: str, what: str) -> None:
-    if (ref.startswith((".", "/", "~")) or Path(ref).exists()) and not Path(ref).is_dir():
+    if (looks_local(ref) or Path(ref).exists()) and not Path(ref).is_dir():
         raise SmpoError(f"{what} {ref!r}: no such folder; expected a diffusers model folder "
                         f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
 
@@ -119,8 +120,8 @@ def load_diffusion(
                 "tokenizer_2": CLIPTokenizer.from_pretrained(ref, subfolder="tokenizer_2", **kw),
             }
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
-        raise SmpoError(f"model.base {ref!r}: could not load the diffusion model: {first}") from exc
+        raise SmpoError(f"model.base {ref!r}: could not load the diffusion model: "
+                        f"{first_line(exc)}") from exc
     model = DiffusionModel(unet, autoencoder, text_encoder, tokenizer, scheduler, device, dtype,
                            **second)
     for module in (unet, autoencoder, text_encoder, model.text_encoder_2):

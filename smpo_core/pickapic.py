@@ -29,7 +29,8 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
-from smpo_core.errors import SmpoError
+from smpo_core.errors import SmpoError, first_line
+from smpo_core.refs import looks_local
 from smpo_core.schema import PAIRS_SCHEMA, PICKAPIC_SCHEMA
 from smpo_core.store import write_json
 
@@ -130,7 +131,7 @@ def describe_source(source: str) -> str:
             f"download.source {source!r}: is a file; expected a folder of Parquet files, "
             f"a datasets.save_to_disk folder or a hub dataset id"
         )
-    if source.startswith((".", "/", "~")) or not _HUB_ID.match(source):
+    if looks_local(source) or not _HUB_ID.match(source):
         raise SmpoError(
             f"download.source {source!r}: no such folder ({path.resolve()}), and not a hub "
             f"dataset id (namespace/name); give an existing folder of Parquet files, a "
@@ -371,7 +372,7 @@ def _hub_error(source: str, revision: str | None, exc: BaseException) -> SmpoErr
     )
 
     what = f"download.source {source!r}"
-    why = f"{type(exc).__name__}: {str(exc).splitlines()[0] if str(exc) else ''}"
+    why = type(exc).__name__ + (f": {first_line(exc)}" if str(exc).strip() else "")
     if isinstance(exc, OfflineModeIsEnabled):
         return SmpoError(f"{what}: offline mode is on (HF_HUB_OFFLINE), so the hub cannot be "
                          f"read; unset it, or {_hub_advice(source, mirror=False)}")

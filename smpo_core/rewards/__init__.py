@@ -14,7 +14,8 @@ from pathlib import Path
 
 import torch
 
-from smpo_core.errors import SmpoError
+from smpo_core.errors import SmpoError, first_line
+from smpo_core.refs import looks_local
 from smpo_core.rewards.aesthetic import AESTHETIC_FORMAT, LaionAesthetic
 from smpo_core.rewards.base import RewardModel, checkpoint_hash
 from smpo_core.rewards.clip import ClipScore, PickScore
@@ -51,17 +52,15 @@ def load_reward_model(
         raise SmpoError(
             f"reward model {kind!r}: unknown kind; expected one of {', '.join(REWARD_MODELS)}"
         )
-    looks_local = checkpoint.startswith((".", "/", "~")) or Path(checkpoint).exists()
-    if looks_local and not Path(checkpoint).expanduser().exists():
+    if looks_local(checkpoint) and not Path(checkpoint).expanduser().exists():
         raise SmpoError(f"reward model {kind}: checkpoint {checkpoint!r} does not exist")
     model_class = REWARD_MODELS[kind]
     extra = {"cache_dir": cache_dir} if getattr(model_class, "converts_checkpoint", False) else {}
     try:
         return model_class(checkpoint, device, processor=processor, **extra)
     except (OSError, ValueError) as exc:
-        first = str(exc).strip().splitlines()[0] if str(exc).strip() else type(exc).__name__
         expected = _EXPECTED.get(kind, "a transformers CLIP folder or a hub id reachable from here")
         raise SmpoError(
             f"reward model {kind}: could not load {checkpoint!r} (processor {processor!r}): "
-            f"{first}. Expected {expected}"
+            f"{first_line(exc)}. Expected {expected}"
         ) from exc

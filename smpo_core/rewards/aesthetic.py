@@ -22,11 +22,10 @@ from transformers import (
     CLIPVisionModelWithProjection,
 )
 
-from smpo_core.errors import SmpoError
+from smpo_core.errors import SmpoError, first_line
 from smpo_core.rewards.base import RewardModel, checkpoint_hash
 from smpo_core.rewards.checkpoints import (
     checkpoint_file,
-    file_digest,
     mlp_head,
     read_state_dict,
 )
@@ -57,7 +56,7 @@ class LaionAesthetic(RewardModel):
             image_processor = CLIPImageProcessorPil.from_pretrained(self.clip_source)
         except (OSError, ValueError) as exc:
             raise SmpoError(f"reward model {self.name}: cannot load the CLIP {self.clip_source!r}"
-                            f" ({str(exc).strip().splitlines()[0]}); give a transformers CLIP "
+                            f" ({first_line(exc)}); give a transformers CLIP "
                             f"ViT-L/14 folder (model and image processor)") from exc
         if self.head.in_features != self.clip.config.projection_dim:
             raise SmpoError(f"reward model {self.name}: the head in {path} takes "
@@ -70,7 +69,7 @@ class LaionAesthetic(RewardModel):
         self.mean, self.std = image_processor.image_mean, image_processor.image_std
         self.clip.to(device).eval()
         self.head.float().to(device).eval()
-        self._digest = f"{file_digest(path)}+{checkpoint_hash(self.clip_source)}"
+        self._digest = f"{checkpoint_hash(str(path))}+{checkpoint_hash(self.clip_source)}"
 
     @property
     def version(self) -> str:

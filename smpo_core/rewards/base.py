@@ -12,6 +12,8 @@ import numpy as np
 import torch
 from PIL import Image
 
+from smpo_core.refs import CHECKPOINT_SUFFIXES
+
 
 class RewardModel(ABC):
     """Scores images against captions. Subclasses load one published checkpoint format."""
@@ -59,7 +61,7 @@ def checkpoint_hash(checkpoint: str) -> str:
     if not path.exists():
         return checkpoint
     files = [path] if path.is_file() else sorted(
-        f for f in path.rglob("*") if f.suffix in {".safetensors", ".bin", ".pt", ".pth"}
+        f for f in path.rglob("*") if f.suffix in CHECKPOINT_SUFFIXES
     )
     digest = hashlib.sha256()
     for file in files:

@@ -7,7 +7,6 @@ model and the file, before any image is read.
 
 from __future__ import annotations
 
-import hashlib
 import itertools
 import os
 from collections.abc import Callable, Iterable, Mapping
@@ -16,17 +15,9 @@ from pathlib import Path
 import torch
 from torch import nn
 
-from smpo_core.errors import SmpoError
+from smpo_core.errors import SmpoError, first_line
+from smpo_core.refs import is_hub_file
 from smpo_core.store import build_once
-
-
-def file_digest(path: Path) -> str:
-    """sha256 (first 16 hex) of one file: the same value `checkpoint_hash` gives for it."""
-    digest = hashlib.sha256()
-    with open(path, "rb") as handle:
-        for chunk in iter(lambda: handle.read(1 << 20), b""):
-            digest.update(chunk)
-    return digest.hexdigest()[:16]
 
 
 def checkpoint_file(model: str, checkpoint: str | os.PathLike) -> Path:
@@ -37,7 +28,7 @@ def checkpoint_file(model: str, checkpoint: str | os.PathLike) -> Path:
     """
     path = Path(checkpoint).expanduser()
     text = str(checkpoint)
-    if not path.exists() and text.count("/") >= 2 and not text.startswith((".", "/", "~")):
+    if is_hub_file(text):
         return _hub_file(model, text)
     if not path.exists():
         raise SmpoError(f"reward model {model}: checkpoint file {text!r} does not exist; "
@@ -55,9 +46,9 @@ def _hub_file(model: str, ref: str) -> Path:
     try:
         return Path(hf_hub_download(repo_id=f"{owner}/{repo}", filename=filename))
     except Exception as exc:  # offline, gone, gated: all mean "not here"
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
-        raise SmpoError(f"reward model {model}: could not fetch {ref!r} from the hub ({first}); "
-                        f"download the published file and give its local path") from exc
+        raise SmpoError(f"reward model {model}: could not fetch {ref!r} from the hub "
+                        f"({first_line(exc)}); download the published file and give its "
+                        f"local path") from exc
 
 
 def read_state_dict(model: str, path: Path, required: Iterable[str],
@@ -68,9 +59,8 @@ def read_state_dict(model: str, path: Path, required: Iterable[str],
     try:
         loaded = torch.load(path, map_location="cpu", weights_only=True)
     except Exception as exc:  # torch raises pickle, zip and runtime errors alike for bad files
-        first = (str(exc).strip().splitlines() or [type(exc).__name__])[0]
         raise SmpoError(f"reward model {model}: {path} is not a readable torch checkpoint "
-                        f"({first}); expected {expected}") from exc
+                        f"({first_line(exc)}); expected {expected}") from exc
     if isinstance(loaded, Mapping) and isinstance(loaded.get("state_dict"), Mapping):
         loaded = loaded["state_dict"]
     if not isinstance(loaded, Mapping):

@@ -24,12 +24,11 @@ from transformers import CLIPConfig, CLIPModel
 from transformers.initialization import no_init_weights
 
 from smpo_core.errors import SmpoError
-from smpo_core.rewards.base import RewardModel
+from smpo_core.rewards.base import RewardModel, checkpoint_hash
 from smpo_core.rewards.checkpoints import (
     cached_conversion,
     checkpoint_file,
     count_blocks,
-    file_digest,
     load_exactly,
     read_state_dict,
 )
@@ -176,7 +175,7 @@ class HPSv2(RewardModel):
                  cache_dir: Path | None = None):
         super().__init__(checkpoint, device)
         path = checkpoint_file(self.name, checkpoint)
-        self._digest = file_digest(path)
+        self._digest = checkpoint_hash(str(path))
         self.tokenizer = load_clip_tokenizer(processor)
         folder = cached_conversion(cache_dir, f"hpsv2-{self._digest}", "model.safetensors",
                                    lambda tmp: convert_open_clip(self.name, path)

@@ -30,12 +30,11 @@ from transformers import (
 )
 from transformers.initialization import no_init_weights
 
-from smpo_core.errors import SmpoError
-from smpo_core.rewards.base import RewardModel
+from smpo_core.errors import SmpoError, first_line
+from smpo_core.rewards.base import RewardModel, checkpoint_hash
 from smpo_core.rewards.checkpoints import (
     checkpoint_file,
     count_blocks,
-    file_digest,
     load_exactly,
     mlp_head,
     read_state_dict,
@@ -113,7 +112,7 @@ def load_blip_tokenizer(model: str, source: str | None) -> BertTokenizer:
         tokenizer = BertTokenizer.from_pretrained(source)
     except (OSError, ValueError) as exc:
         raise SmpoError(f"reward model {model}: cannot load the BERT tokenizer {source!r} "
-                        f"({str(exc).strip().splitlines()[0]}); give a folder holding "
+                        f"({first_line(exc)}); give a folder holding "
                         f"bert-base-uncased's vocab.txt") from exc
     tokenizer.add_special_tokens({"bos_token": "[DEC]"})
     tokenizer.add_special_tokens({"additional_special_tokens": ["[ENC]"]})
@@ -153,7 +152,7 @@ class ImageReward(RewardModel):
         for module in (self.vision, self.text, self.head):
             module.float().to(device).eval()
         self.image_size = vision_config.image_size
-        self._digest = file_digest(path)
+        self._digest = checkpoint_hash(str(path))
 
     @property
     def version(self) -> str:
