@@ -26,9 +26,9 @@ import torch
 
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import load_diffusion, resolve_device
-from smpo_core.synthetic import build_tiny_diffusion, trainable_pairs
 from smpo_core.training import PairBatch, StepConfig, online_trajectory, smpo_loss
 from smpo_core.trajectories import invert_pair_batch
+from smpo_core.worlds.tiny import build_tiny_diffusion, trainable_pairs
 
 
 def time_steps(policy, reference, batch, alphas, cfg, steps, device) -> list[float]:

@@ -22,15 +22,11 @@ PROMPT_COLUMNS = ("caption", "prompt", "Prompt", "text")  # Pick-a-Pic, HPDv2, P
 def load_prompts(spec: str, num_prompts: int) -> list[str]:
     """The first `num_prompts` distinct prompts of a prompt set.
 
-    `builtin:tiny` (held-out captions of the synthetic grammar), a .txt file (one per line),
-    a Parquet file or folder, or `<hub dataset id>@<split>` (e.g. Pick-a-Pic v2's
+    A .txt file (one per line; `builtin:tiny-prompts` resolves to one), a Parquet file or
+    folder, or `<hub dataset id>@<split>` (e.g. Pick-a-Pic v2's
     `test_unique`, PartiPrompts, HPDv2); tables are read from their first column named in
     PROMPT_COLUMNS.
     """
-    if spec == "builtin:tiny":
-        from smpo_core.synthetic import synthetic_prompts
-
-        return synthetic_prompts(num_prompts, seed=1234)
     path = Path(spec).expanduser()
     if path.suffix == ".txt" and path.is_file():
         prompts = [line.strip() for line in path.read_text().splitlines() if line.strip()]
@@ -43,8 +39,8 @@ def load_prompts(spec: str, num_prompts: int) -> list[str]:
     elif "@" in spec and not looks_local(spec):
         prompts = _hub_prompts(spec, num_prompts)
     else:
-        raise SmpoError(f"evaluate.prompts {spec!r}: no such file; expected builtin:tiny, a "
-                        f".txt file, a Parquet file or folder, or <hub dataset id>@<split>")
+        raise SmpoError(f"evaluate.prompts {spec!r}: no such file; expected a .txt file, a "
+                        f"Parquet file or folder, or <hub dataset id>@<split>")
     unique = list(dict.fromkeys(p for p in prompts if p))[:num_prompts]
     if not unique:
         raise SmpoError(f"evaluate.prompts {spec!r}: no prompts found")

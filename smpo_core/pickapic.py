@@ -32,7 +32,7 @@ from PIL import Image
 from smpo_core.errors import SmpoError, first_line
 from smpo_core.refs import looks_local
 from smpo_core.schema import PAIRS_SCHEMA, PICKAPIC_SCHEMA
-from smpo_core.store import write_json
+from smpo_core.store import is_partial, partial_sibling, write_json
 
 # The columns the pair schema is built from; the rest of the published columns are optional.
 REQUIRED_COLUMNS = (
@@ -524,16 +524,15 @@ class _ShardWriter:
 
     def __init__(self, out_dir: Path, index: int):
         self.out_dir, self.index = out_dir, index
+        self._partials: dict[str, Path] = {}
         self.pairs = self._writer("pairs", PAIRS_SCHEMA, _DICTIONARY_COLUMNS)
         self.quarantine: pq.ParquetWriter | None = None
         self.rows = 0
         self.dropped: Counter = Counter()
 
-    def _partial(self, kind: str) -> Path:
-        return self.out_dir / f".{_shard_name(kind, self.index)}.partial"
-
     def _writer(self, kind: str, schema: pa.Schema, dictionary: list[str]) -> pq.ParquetWriter:
-        return pq.ParquetWriter(self._partial(kind), schema, use_dictionary=dictionary)
+        self._partials[kind] = partial_sibling(self.out_dir / _shard_name(kind, self.index))
+        return pq.ParquetWriter(self._partials[kind], schema, use_dictionary=dictionary)
 
     def write(self, pairs: pa.Table, quarantine: list[dict]) -> None:
         """Append source rows that passed (as one row group) and quarantined images."""
@@ -552,7 +551,7 @@ class _ShardWriter:
             self.quarantine.close()
             kinds.insert(0, "quarantine")
         for kind in kinds:
-            os.replace(self._partial(kind), self.out_dir / _shard_name(kind, self.index))
+            os.replace(self._partials[kind], self.out_dir / _shard_name(kind, self.index))
 
 
 def _forget_incomplete(out_dir: Path, shards: int) -> None:
@@ -560,7 +559,7 @@ def _forget_incomplete(out_dir: Path, shards: int) -> None:
     shard renamed into place whose progress.json update never happened."""
     for file in out_dir.iterdir():
         shard = re.fullmatch(r"(pairs|quarantine)-(\d+)\.parquet", file.name)
-        if file.name.endswith(".partial") or (shard and int(shard.group(2)) >= shards):
+        if is_partial(file) or (shard and int(shard.group(2)) >= shards):
             file.unlink()
 
 

@@ -18,6 +18,7 @@ from pathlib import Path
 from typing import Any
 
 MANIFEST = "manifest.json"
+PARTIAL = ".partial"  # the name ending of every file or folder still being written
 DEFAULT_STORE = "smpo-store"
 
 
@@ -35,20 +36,33 @@ def stage_key(
     return hashlib.sha256(blob).hexdigest()[:16]
 
 
+def partial_sibling(target: Path, folder: bool = False) -> Path:
+    """A new hidden file (or folder) beside `target` to write into before a rename publishes
+    it; its name ends in PARTIAL, so whatever a killed writer leaves is recognisable."""
+    target = Path(target)
+    target.parent.mkdir(parents=True, exist_ok=True)
+    prefix = f".{target.name}."
+    if folder:
+        return Path(tempfile.mkdtemp(prefix=prefix, suffix=PARTIAL, dir=target.parent))
+    fd, name = tempfile.mkstemp(prefix=prefix, suffix=PARTIAL, dir=target.parent)
+    os.close(fd)
+    return Path(name)
+
+
+def is_partial(path: Path) -> bool:
+    """Left by a writer that never finished (see `partial_sibling`)."""
+    return Path(path).name.endswith(PARTIAL)
+
+
 @contextmanager
 def atomic_path(target: Path) -> Iterator[Path]:
     """Yield a temporary sibling path; rename it onto `target` only if the block succeeds."""
-    target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    fd, tmp = tempfile.mkstemp(prefix=f".{target.name}.", suffix=".tmp", dir=target.parent)
-    os.close(fd)
-    tmp_path = Path(tmp)
+    tmp = partial_sibling(target)
     try:
-        yield tmp_path
-        os.replace(tmp_path, target)
+        yield tmp
+        os.replace(tmp, target)
     finally:
-        if tmp_path.exists():
-            tmp_path.unlink()
+        tmp.unlink(missing_ok=True)
 
 
 def write_json(target: Path, data: Any) -> None:
@@ -58,18 +72,16 @@ def write_json(target: Path, data: Any) -> None:
 
 @contextmanager
 def atomic_dir(target: Path) -> Iterator[Path]:
-    """Build a directory under a temporary sibling name; rename it onto `target` on success."""
+    """Build a directory under a temporary sibling name; it replaces `target` on success."""
     target = Path(target)
-    target.parent.mkdir(parents=True, exist_ok=True)
-    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    tmp = partial_sibling(target, folder=True)
     try:
         yield tmp
         if target.exists():
             shutil.rmtree(target)
         os.replace(tmp, target)
     finally:
-        if tmp.exists():
-            shutil.rmtree(tmp, ignore_errors=True)
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def read_manifest(path: Path) -> dict[str, Any] | None:
@@ -109,29 +121,21 @@ class Store:
 
 def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path:
     """A folder built once (a tiny model, a converted checkpoint): `build` fills a private
-    sibling folder that is then renamed into place, so a crash never leaves a half-written
-    folder that looks complete. A folder that already has `marker` is returned as it is."""
+    sibling folder that is then renamed into place (`atomic_dir`), so a crash never leaves a
+    half-written folder that looks complete. A folder that already has `marker` is returned
+    as it is."""
     target = Path(target)
     if (target / marker).exists():
         return target
     if target.exists() and any(target.iterdir()):
         raise FileExistsError(f"{target} is not empty but has no {marker}, so it is not a "
                               "complete build: remove it or choose another folder")
-    target.parent.mkdir(parents=True, exist_ok=True)
-    partial = target.with_name(f".{target.name}.partial-{os.getpid()}")
-    shutil.rmtree(partial, ignore_errors=True)
-    partial.mkdir()
     try:
-        build(partial)
-        if target.exists():
-            target.rmdir()  # empty, checked above
-        try:
-            partial.rename(target)
-        except OSError:
-            if not (target / marker).exists():  # else a concurrent builder finished first
-                raise
-    finally:
-        shutil.rmtree(partial, ignore_errors=True)
+        with atomic_dir(target) as tmp:
+            build(tmp)
+    except OSError:
+        if not (target / marker).exists():  # else a concurrent builder finished first
+            raise
     return target
 
 

@@ -15,9 +15,9 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from tqdm import tqdm
 
-from smpo_core import builtin
 from smpo_core.settings import Settings
 from smpo_core.store import MANIFEST, Store, read_manifest, stage_key
+from smpo_core.worlds import builtins
 from stages import tracking
 
 # Which settings sections each stage's output depends on, besides its own.
@@ -40,7 +40,7 @@ class RunContext:
 
     def resolve(self, ref: str | None) -> str | None:
         """A setting that may name a builtin tiny model or dataset, as a usable path or id."""
-        return builtin.resolve(ref, self.store.root)
+        return builtins.resolve(ref, self.store.root)
 
 
 @dataclass

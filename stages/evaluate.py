@@ -38,7 +38,7 @@ def compute(run: StageRun) -> dict[str, Any]:
                                 cache_dir=run.ctx.store.root / "converted")
         for kind, ckpt in cfg.metrics.items()
     }
-    prompts = load_prompts(cfg.prompts, cfg.num_prompts)
+    prompts = load_prompts(run.ctx.resolve(cfg.prompts), cfg.num_prompts)
     base_ref = run.ctx.resolve(model_cfg.base)
     pipe = build_pipeline(base_ref, device, dtype, revision=model_cfg.revision,
                           vae=run.ctx.resolve(model_cfg.vae))

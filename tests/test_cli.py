@@ -41,7 +41,7 @@ def test_settings_lists_every_key_with_its_value():
 def test_source_missing_a_column_fails_before_any_stage_output(tmp_path):
     import pyarrow.parquet as pq
 
-    from smpo_core.synthetic import write_synthetic_pickapic
+    from smpo_core.worlds.tiny import write_synthetic_pickapic
 
     source = tmp_path / "source"
     for file in write_synthetic_pickapic(source, num_pairs=20, num_files=1):

@@ -38,7 +38,7 @@ from smpo_core.pickapic import (
 )
 from smpo_core.schema import PAIRS_SCHEMA, PICKAPIC_SCHEMA
 from smpo_core.settings import load_settings
-from smpo_core.synthetic import write_synthetic_pickapic
+from smpo_core.worlds.tiny import expected_counts, write_synthetic_pickapic
 from stages import tracking
 from stages.common import RunContext, StageResult, run_stage
 from stages.download import VERSION, compute, download_stage, retry_if_transient
@@ -63,7 +63,7 @@ def sources(tmp_path_factory: pytest.TempPathFactory) -> dict:
     expected = {}
     for split, pairs, files in (("train", TRAIN_PAIRS, 2), ("validation", VALIDATION_PAIRS, 1)):
         write_synthetic_pickapic(parquet, num_pairs=pairs, seed=0, split=split, num_files=files)
-        expected[split] = json.loads((parquet / "expected_counts.json").read_text())
+        expected[split] = expected_counts(pairs)
     cache = str(root / "hf-cache")
     loaded = {split: datasets.Dataset.from_parquet(
         [str(f) for f in sorted((parquet / "data").glob(f"{split}-*.parquet"))], cache_dir=cache)

@@ -24,15 +24,13 @@ def test_summary_has_means_medians_and_win_rate():
                                           "win_rate": 0.5})
 
 
-def test_prompt_sets_from_text_parquet_and_builtin(tmp_path):
+def test_prompt_sets_from_text_and_parquet(tmp_path):
     text = tmp_path / "prompts.txt"
     text.write_text("a cat\n\na dog\na cat\na bird\n")
     assert load_prompts(str(text), 10) == ["a cat", "a dog", "a bird"]
     parti = tmp_path / "parti.parquet"
     pq.write_table(pa.table({"Prompt": ["x", "y", "x"], "Category": ["a", "b", "c"]}), parti)
     assert load_prompts(str(parti), 10) == ["x", "y"]
-    tiny = load_prompts("builtin:tiny", 5)
-    assert len(tiny) == 5 and tiny == load_prompts("builtin:tiny", 5)
 
 
 def test_bad_prompt_sets_say_what_was_expected(tmp_path):
@@ -48,7 +46,7 @@ def test_generation_keeps_each_image_and_resumes_without_redrawing(tmp_path):
     import torch
 
     from smpo_core.evaluation import build_pipeline, generate
-    from smpo_core.synthetic import build_tiny_diffusion
+    from smpo_core.worlds.tiny import build_tiny_diffusion
 
     pipe = build_pipeline(str(build_tiny_diffusion(tmp_path / "sd")), torch.device("cpu"),
                           torch.float32)

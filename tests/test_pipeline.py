@@ -14,6 +14,8 @@ from PIL import Image
 from safetensors import safe_open
 
 from smpo_core.settings import STAGES
+from smpo_core.worlds.builtins import TINY_PAIRS
+from smpo_core.worlds.tiny import expected_counts
 
 pytestmark = pytest.mark.integration
 
@@ -67,9 +69,7 @@ def test_first_run_runs_every_stage(runs):
 
 
 def test_download_drops_what_cannot_train(runs):
-    store = runs["store"]
-    expected = json.loads((store / "builtin" / "tiny-pickapic" / "expected_counts.json")
-                          .read_text())
+    expected = expected_counts(TINY_PAIRS)
     manifest = _manifest(runs["first"]["download"])
     assert manifest["source_rows"] == expected["rows"]
     assert manifest["pairs"] == expected["usable"]

@@ -26,7 +26,13 @@ from smpo_core.rewards import REWARD_MODELS, load_reward_model
 from smpo_core.rewards import hpsv2 as hpsv2_module
 from smpo_core.rewards.base import checkpoint_hash
 from smpo_core.rewards.preprocess import CLIP_MEAN, CLIP_STD, clip_preprocess, hpsv2_preprocess
-from smpo_core.rewards.testing import (
+from smpo_core.rewards.tokenizers import (
+    CLIP_BPE_FILE,
+    clip_tokenizer_from_bpe,
+    find_clip_bpe_vocab,
+    load_clip_tokenizer,
+)
+from smpo_core.worlds.checkpoints import (
     save_tiny_clip_tokenizer,
     tiny_open_clip_state_dict,
     write_bert_vocab,
@@ -34,13 +40,7 @@ from smpo_core.rewards.testing import (
     write_tiny_hpsv2_checkpoint,
     write_tiny_imagereward_checkpoint,
 )
-from smpo_core.rewards.tokenizers import (
-    CLIP_BPE_FILE,
-    clip_tokenizer_from_bpe,
-    find_clip_bpe_vocab,
-    load_clip_tokenizer,
-)
-from smpo_core.synthetic import build_tiny_clip_reward, caption_words
+from smpo_core.worlds.tiny import build_tiny_clip_reward, caption_words
 
 CPU = torch.device("cpu")
 CAPTIONS = ["a red circle on a blue background", "a green square above a white diamond",

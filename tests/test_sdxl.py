@@ -10,9 +10,9 @@ import torch
 from smpo_core.evaluation import build_pipeline, generate
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import encode_captions, load_diffusion
-from smpo_core.synthetic import build_tiny_sdxl, trainable_pairs
 from smpo_core.training import CachedPairs, PairBatch, StepConfig, smpo_loss
 from smpo_core.trajectories import TrajectoryCache, build_cache, invert_pair_batch, write_cache_meta
+from smpo_core.worlds.tiny import build_tiny_sdxl, trainable_pairs
 
 LEVELS = inversion_levels(3)
 

@@ -11,7 +11,6 @@ from accelerate import Accelerator
 
 from smpo_core.inversion import implied_noise, inversion_levels
 from smpo_core.models import load_diffusion
-from smpo_core.synthetic import build_tiny_diffusion, trainable_pairs
 from smpo_core.training import (
     LoopConfig,
     PairBatch,
@@ -24,6 +23,7 @@ from smpo_core.training import (
     warmup_constant,
 )
 from smpo_core.trajectories import invert_pair_batch
+from smpo_core.worlds.tiny import build_tiny_diffusion, trainable_pairs
 
 LEVELS = inversion_levels(5)
 

@@ -64,7 +64,7 @@ def _image(width: int, height: int, mode: str, seed: int) -> Image.Image:
 
 
 def prepare(case_dir: Path) -> None:
-    from smpo_core.rewards.testing import write_bert_vocab
+    from smpo_core.worlds.checkpoints import write_bert_vocab
 
     (case_dir / "images").mkdir(parents=True, exist_ok=True)
     cases = []

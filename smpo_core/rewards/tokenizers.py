@@ -96,19 +96,32 @@ def read_clip_bpe_merges(source: str | os.PathLike) -> list[tuple[str, str]]:
     return merges  # type: ignore[return-value]
 
 
-def clip_tokenizer_from_bpe(source: str | os.PathLike) -> CLIPTokenizer:
-    """A `transformers.CLIPTokenizer` (49,408 tokens, 77-token context) built from CLIP's BPE
-    file, given as the `.txt.gz` or as an open-clip-torch wheel."""
+def bytes_to_unicode() -> dict[int, str]:
+    """The GPT-2/CLIP byte -> printable character table that byte-level BPE vocabularies use."""
+    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
+                 *range(ord("®"), ord("ÿ") + 1)]
+    shifted = [b for b in range(256) if b not in printable]
+    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(shifted)}
+
+
+def clip_tokenizer(merges: list[tuple[str, str]]) -> CLIPTokenizer:
+    """A `transformers.CLIPTokenizer` with CLIP's vocabulary layout for these BPE merges: the
+    256 byte characters, the same with `</w>` (end of word), one token per merge, then
+    `<|startoftext|>` and `<|endoftext|>`; a 77-token context."""
     from transformers import CLIPTokenizer
 
-    from smpo_core.synthetic import bytes_to_unicode
-
-    merges = read_clip_bpe_merges(source)
     characters = list(bytes_to_unicode().values())
     tokens = characters + [c + "</w>" for c in characters] + ["".join(m) for m in merges]
     tokens += ["<|startoftext|>", "<|endoftext|>"]
     vocab = {token: i for i, token in enumerate(tokens)}
+    # transformers 5 wants merges as tuples: "a b" strings are rejected by `tokenizers`.
     return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=CLIP_CONTEXT_LENGTH)
+
+
+def clip_tokenizer_from_bpe(source: str | os.PathLike) -> CLIPTokenizer:
+    """CLIP's own tokenizer (49,408 tokens) built from its BPE file, given as the `.txt.gz` or
+    as an open-clip-torch wheel."""
+    return clip_tokenizer(read_clip_bpe_merges(source))
 
 
 def load_clip_tokenizer(source: str | os.PathLike | None = None) -> CLIPTokenizer:

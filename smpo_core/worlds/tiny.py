@@ -1,4 +1,5 @@
-"""The offline "tiny" profile: synthetic Pick-a-Pic v2 data and small random models.
+"""The tiny world of the offline `tiny` profile: synthetic Pick-a-Pic v2 data and small random
+models.
 
 Everything here is built by the project itself, in the real formats (hub-layout Parquet shards,
 `save_pretrained` folders), so every stage runs end to end with no hub access. Captions come
@@ -23,8 +24,9 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
+from smpo_core.rewards.tokenizers import bytes_to_unicode, clip_tokenizer
 from smpo_core.schema import PICKAPIC_SCHEMA
-from smpo_core.store import atomic_path, build_once, write_json
+from smpo_core.store import atomic_path, build_once
 
 if TYPE_CHECKING:
     from transformers import CLIPTokenizer
@@ -51,8 +53,6 @@ _JPEG_QUALITY = 90
 _POOL_SEED = 20250602  # fixed for ever: keeps the train/evaluation caption split stable
 _CREATED_AT_BASE = datetime(2023, 4, 1, 12, 0, 0)  # a constant, so the bytes never depend on now
 _MAX_CAPTIONS = 48
-_CLIP_MEAN = [0.48145466, 0.4578275, 0.40821073]
-_CLIP_STD = [0.26862954, 0.26130258, 0.27577711]
 
 
 class Scene(NamedTuple):
@@ -124,8 +124,18 @@ def _sample_scenes(n: int, rng: random.Random, held_out: bool) -> list[Scene]:
 
 
 def synthetic_prompts(n: int, seed: int) -> list[str]:
-    """`n` evaluation captions from the grammar, disjoint from every synthetic training caption."""
-    return [scene_caption(s) for s in _sample_scenes(n, random.Random(f"prompts-{seed}"), True)]
+    """`n` evaluation captions from the grammar, disjoint from every synthetic training caption:
+    one-object and two-object scenes alternate while the former last. The first k of them are
+    `synthetic_prompts(k, seed)`, so one prompt file serves every smaller prompt count."""
+    singles, pairs = _scene_pools(held_out=True)
+    if n > len(singles) + len(pairs):
+        raise ValueError(f"asked for {n} captions; the synthetic grammar holds at most "
+                         f"{len(singles) + len(pairs)} in this pool")
+    rng = random.Random(f"prompts-{seed}")
+    rng.shuffle(singles)
+    rng.shuffle(pairs)
+    alternating = [scene for couple in zip(singles, pairs, strict=False) for scene in couple]
+    return [scene_caption(s) for s in (alternating + pairs[len(singles):])[:n]]
 
 
 def _mistaken_scene(scene: Scene, rng: random.Random) -> Scene:
@@ -271,9 +281,8 @@ def write_synthetic_pickapic(out_dir: Path, num_pairs: int = 320, seed: int = 0,
                              split: str = "train", num_files: int = 2) -> list[Path]:
     """Write a Pick-a-Pic v2 split in the hub layout `out_dir/data/{split}-XXXXX-of-NNNNN.parquet`.
 
-    Deterministic in (seed, split): the same arguments give byte-identical files. Also writes
-    `out_dir/expected_counts.json` (see `expected_counts`) for the split just written; a later
-    call for another split into the same `out_dir` replaces it. Returns the shard paths.
+    Deterministic in (seed, split): the same arguments give byte-identical files; the rows of
+    each kind (ties, unlabelled, ...) are `expected_counts(num_pairs)`. Returns the shard paths.
     """
     if num_pairs < 1 or not 1 <= num_files <= num_pairs:
         raise ValueError(f"need num_pairs >= 1 and 1 <= num_files <= num_pairs; "
@@ -292,17 +301,7 @@ def write_synthetic_pickapic(out_dir: Path, num_pairs: int = 320, seed: int = 0,
     # Shards of an earlier call with another num_files would otherwise be read as extra rows.
     for stale in set(data_dir.glob(f"{split}-*-of-*.parquet")) - set(paths):
         stale.unlink()
-    counts = expected_counts(num_pairs) | {"captions": len({r["caption"] for r in rows})}
-    write_json(Path(out_dir) / "expected_counts.json", counts)
     return paths
-
-
-def bytes_to_unicode() -> dict[int, str]:
-    """The GPT-2/CLIP byte -> printable character table that byte-level BPE vocabularies use."""
-    printable = [*range(ord("!"), ord("~") + 1), *range(ord("¡"), ord("¬") + 1),
-                 *range(ord("®"), ord("ÿ") + 1)]
-    shifted = [b for b in range(256) if b not in printable]
-    return {b: chr(b) for b in printable} | {b: chr(256 + i) for i, b in enumerate(shifted)}
 
 
 def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list[str]:
@@ -339,15 +338,7 @@ def _word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
 def build_clip_tokenizer(words: Iterable[str] | None = None) -> CLIPTokenizer:
     """A CLIP byte-level BPE tokenizer built in memory; each of `words` (default: the caption
     grammar's vocabulary) is one token, anything else falls back to byte tokens."""
-    from transformers import CLIPTokenizer
-
-    characters = list(bytes_to_unicode().values())
-    merges = _word_merges(caption_words() if words is None else words)
-    tokens = characters + [c + "</w>" for c in characters] + [a + b for a, b in merges]
-    tokens += ["<|startoftext|>", "<|endoftext|>"]
-    vocab = {token: i for i, token in enumerate(tokens)}
-    # transformers 5 wants merges as tuples: "a b" strings are rejected by `tokenizers`.
-    return CLIPTokenizer(vocab=vocab, merges=merges, model_max_length=77)
+    return clip_tokenizer(_word_merges(caption_words() if words is None else words))
 
 
 def _text_config(tokenizer: CLIPTokenizer) -> dict:
@@ -432,6 +423,8 @@ def build_tiny_clip_reward(out_dir: Path, seed: int = 0, image_size: int = 32) -
         # The PIL backend by name: plain CLIPImageProcessor warns when torchvision is absent.
         from transformers import CLIPConfig, CLIPImageProcessorPil, CLIPModel, CLIPProcessor
 
+        from smpo_core.rewards.preprocess import CLIP_MEAN, CLIP_STD
+
         tokenizer = build_clip_tokenizer()
         vision = {"hidden_size": 32, "intermediate_size": 64, "num_hidden_layers": 2,
                   "num_attention_heads": 4, "image_size": image_size, "patch_size": 8}
@@ -443,7 +436,7 @@ def build_tiny_clip_reward(out_dir: Path, seed: int = 0, image_size: int = 32) -
         image_processor = CLIPImageProcessorPil(
             size={"shortest_edge": image_size},
             crop_size={"height": image_size, "width": image_size},
-            image_mean=_CLIP_MEAN, image_std=_CLIP_STD)
+            image_mean=list(CLIP_MEAN), image_std=list(CLIP_STD))
         model.save_pretrained(path)
         CLIPProcessor(image_processor=image_processor, tokenizer=tokenizer).save_pretrained(path)
 

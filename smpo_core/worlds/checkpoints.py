@@ -1,8 +1,8 @@
-"""Small random reward-model checkpoints in the published file layouts.
+"""The tiny world's reward models: small random checkpoints in the published file layouts.
 
 Each writer produces the same kind of file the authors publish (an open_clip state dict in
 {"state_dict": ...} for HPSv2, the `ImageReward` module's state dict, the aesthetic head's
-`nn.Sequential` state dict), only small and random, so the loaders in this package are tested
+`nn.Sequential` state dict), only small and random, so the loaders in smpo_core.rewards are tested
 and the tiny profile can run every metric offline. Sizes are arguments; the loaders read them
 back from the tensors.
 """
@@ -10,13 +10,13 @@ back from the tensors.
 from __future__ import annotations
 
 import itertools
-import os
 from collections.abc import Iterable, Sequence
 from pathlib import Path
 
 import torch
 
-from smpo_core.synthetic import build_clip_tokenizer
+from smpo_core.store import atomic_path
+from smpo_core.worlds.tiny import build_clip_tokenizer
 
 #: The hidden widths of the published aesthetic head (768 -> 1024 -> 128 -> 64 -> 16 -> 1).
 AESTHETIC_HIDDEN = (1024, 128, 64, 16)
@@ -45,12 +45,9 @@ class _Random:
 
 
 def _atomic_save(obj: object, path: Path) -> Path:
-    path = Path(path)
-    path.parent.mkdir(parents=True, exist_ok=True)
-    partial = path.with_name(f".{path.name}.partial-{os.getpid()}")
-    torch.save(obj, partial)
-    partial.replace(path)
-    return path
+    with atomic_path(path) as tmp:
+        torch.save(obj, tmp)
+    return Path(path)
 
 
 def _open_clip_block(rng: _Random, prefix: str, width: int) -> dict[str, torch.Tensor]:
@@ -72,7 +69,7 @@ def tiny_open_clip_state_dict(seed: int = 0, vocab_size: int | None = None,
                               context_length: int = 77) -> dict[str, torch.Tensor]:
     """A random open_clip ViT CLIP state dict (the layout HPSv2 publishes); widths must be
     multiples of 64, open_clip's head width. `vocab_size` defaults to the tiny CLIP tokenizer's
-    (`synthetic.build_clip_tokenizer`)."""
+    (`tiny.build_clip_tokenizer`)."""
     rng = _Random(seed)
     vocab_size = vocab_size or len(build_clip_tokenizer())
     grid = image_size // patch_size
@@ -102,7 +99,7 @@ def write_tiny_hpsv2_checkpoint(path: Path, seed: int = 0, **sizes: int) -> Path
 
 
 def save_tiny_clip_tokenizer(folder: Path, words: Iterable[str] | None = None) -> Path:
-    """The tiny CLIP tokenizer (`synthetic.build_clip_tokenizer`) saved as a folder, the
+    """The tiny CLIP tokenizer (`tiny.build_clip_tokenizer`) saved as a folder, the
     `processor` of a tiny HPSv2 checkpoint."""
     build_clip_tokenizer(words).save_pretrained(folder)
     return Path(folder)

@@ -1,0 +1,97 @@
+"""`builtin:NAME` references: the synthetic worlds' data and models, built into the store on
+first use (`<store>/builtin/NAME/`).
+
+A setting such as `model.base: builtin:tiny-sd` then reads them through the same paths as real
+ones (a Parquet folder, `from_pretrained` folders, checkpoint files, a prompt file), so the
+offline profiles exercise the real loading code. To add a builtin: one entry in BUILTINS, a
+function that builds it into its folder (once: `store.build_once`) and returns the path the
+setting stands for.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from pathlib import Path
+
+from smpo_core.errors import SmpoError
+from smpo_core.store import Store, build_once
+from smpo_core.worlds import checkpoints, tiny
+
+PREFIX = "builtin:"
+TINY_PAIRS = 320  # rows of the tiny Pick-a-Pic train split
+TINY_PROMPTS_SEED = 1234
+TINY_PROMPTS = 1000  # the held-out captions written; evaluate.num_prompts takes the first N
+
+
+def _tiny_pickapic(folder: Path) -> Path:
+    return build_once(folder, "data", lambda path: tiny.write_synthetic_pickapic(
+        path, num_pairs=TINY_PAIRS, seed=0))
+
+
+def _tiny_prompts(folder: Path) -> Path:
+    def build(path: Path) -> None:
+        prompts = tiny.synthetic_prompts(TINY_PROMPTS, seed=TINY_PROMPTS_SEED)
+        (path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+
+    return build_once(folder, "prompts.txt", build) / "prompts.txt"
+
+
+def _tiny_hpsv2(folder: Path) -> Path:
+    """An HPSv2-format checkpoint file and the CLIP tokenizer folder it pairs with."""
+    def build(path: Path) -> None:
+        checkpoints.save_tiny_clip_tokenizer(path / "tokenizer")
+        checkpoints.write_tiny_hpsv2_checkpoint(path / "HPS_v2.1_compressed.pt", seed=0)
+
+    return build_once(folder, "HPS_v2.1_compressed.pt", build)
+
+
+def _tiny_imagereward(folder: Path) -> Path:
+    """An ImageReward.pt-format file and the BERT WordPiece vocabulary folder it pairs with."""
+    def build(path: Path) -> None:
+        vocab = checkpoints.write_bert_vocab(path / "bert", tiny.caption_words())
+        tokens = len((vocab / "vocab.txt").read_text().split()) + 2  # + [DEC], [ENC]
+        checkpoints.write_tiny_imagereward_checkpoint(path / "ImageReward.pt", vocab_size=tokens)
+
+    return build_once(folder, "ImageReward.pt", build)
+
+
+def _tiny_aesthetic(folder: Path) -> Path:
+    """A LAION-aesthetic-format MLP head for the tiny CLIP's 32-wide image embedding."""
+    head = "sac+logos+ava1-l14-linearMSE.pth"
+    return build_once(folder, head, lambda path: checkpoints.write_tiny_aesthetic_head(
+        path / head, in_features=32)) / head
+
+
+def _beside(name: str, build: Callable[[Path], Path], part: str) -> Callable[[Path], Path]:
+    """A part of another builtin (e.g. the tokenizer that ships with a checkpoint)."""
+    return lambda folder: build(folder.parent / name) / part
+
+
+#: name -> builder(folder) -> the path `builtin:name` stands for.
+BUILTINS: dict[str, Callable[[Path], Path]] = {
+    "tiny-pickapic": _tiny_pickapic,
+    "tiny-prompts": _tiny_prompts,
+    "tiny-sd": lambda folder: tiny.build_tiny_diffusion(folder, seed=0),
+    "tiny-sdxl": lambda folder: tiny.build_tiny_sdxl(folder, seed=0),
+    "tiny-clip": lambda folder: tiny.build_tiny_clip_reward(folder, seed=0),
+    "tiny-hpsv2": lambda folder: _tiny_hpsv2(folder) / "HPS_v2.1_compressed.pt",
+    "tiny-hpsv2-tokenizer": _beside("tiny-hpsv2", _tiny_hpsv2, "tokenizer"),
+    "tiny-imagereward": lambda folder: _tiny_imagereward(folder) / "ImageReward.pt",
+    "tiny-imagereward-bert": _beside("tiny-imagereward", _tiny_imagereward, "bert"),
+    "tiny-aesthetic": _tiny_aesthetic,
+}
+
+
+def is_builtin(ref: str | None) -> bool:
+    return ref is not None and ref.startswith(PREFIX)
+
+
+def resolve(ref: str | None, store_root: Path) -> str | None:
+    """A builtin reference becomes its path in the store (built if missing); others pass."""
+    if not is_builtin(ref):
+        return ref
+    name = ref[len(PREFIX):]
+    if name not in BUILTINS:
+        raise SmpoError(f"{ref!r}: unknown builtin; expected one of "
+                        f"{', '.join(PREFIX + n for n in BUILTINS)}")
+    return str(BUILTINS[name](Store(store_root).builtin_dir(name)))
