@@ -17,7 +17,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import flow, runtime
 
-from smpo_core import builtin
+from smpo_core.worlds import builtins as builtin
 from smpo_core.errors import SmpoError
 from smpo_core.pickapic import describe_source, iter_source
 from smpo_core.settings import STAGES, Settings, load_settings
