@@ -1,36 +1,50 @@
-"""The `smpo` command: run the flow, list settings.
+"""The `smpo` command: run the flow, explain the settings.
 
     smpo run                         all stages of the tiny profile
     smpo run train evaluate          those stages (upstream reused, built if missing)
     smpo run --profile sd15 --set train.beta=5000 --force train
-    smpo settings [--profile P]      every setting, its value and what it means
+    smpo settings [--profile P]      every setting: value, where it comes from, meaning
 """
 
 from __future__ import annotations
 
 import argparse
+import logging
 import os
 import sys
 from pathlib import Path
+from typing import Any
 
+from flows.plan import plan_run, tracking_uri
+from smpo_core.environment import Environment, environment
 from smpo_core.errors import SmpoError
-from smpo_core.settings import STAGES, Settings, available_profiles, load_settings
-from smpo_core.store import default_store
+from smpo_core.settings import (
+    STAGES,
+    available_profiles,
+    describe,
+    load_settings,
+    parse_override,
+    read_profile,
+)
 
 
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
     sub = parser.add_subparsers(dest="command", required=True)
-    run = sub.add_parser("run", help="run pipeline stages (upstream included)")
+    stages = "\n".join(f"  {name:<9} {stage.summary}" for name, stage in STAGES.items())
+    run = sub.add_parser("run", help="run pipeline stages (upstream included)",
+                         description=f"stages:\n{stages}",
+                         formatter_class=argparse.RawDescriptionHelpFormatter)
     run.add_argument("stages", nargs="*", metavar="STAGE",
                      help=f"stages to run, default all: {' '.join(STAGES)}")
     _common(run)
     run.add_argument("--store", default=None,
-                     help="stage store folder (default $SMPO_STORE or ./smpo-store)")
+                     help=f"stage store folder (default ${Environment.variable('store')} or "
+                          f"{Environment.model_fields['store'].default})")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="recompute this stage even if its output exists (repeatable)")
-    show = sub.add_parser("settings", help="print the resolved settings of a profile")
+    show = sub.add_parser("settings", help="explain every setting of a profile")
     _common(show)
     return parser
 
@@ -49,15 +63,45 @@ def print_table(rows: list[dict]) -> None:
         print(f"{row['stage']:<10} {status:<7} {row['key']:<18} {row['seconds']:>7.1f}s")
 
 
-def print_settings(settings: Settings) -> None:
-    for section in Settings.model_fields:
-        value = getattr(settings, section)
-        if not hasattr(value, "model_fields"):
-            print(f"{section}: {value}")
-            continue
-        for name, info in type(value).model_fields.items():
-            doc = f"  # {info.description}" if info.description else ""
-            print(f"{section}.{name}={getattr(value, name)!r}{doc}")
+def print_settings(profile: str, overrides: list[str]) -> None:
+    """Every setting with its value, its origin (default, profile or --set) and meaning, then
+    the environment variables."""
+    settings = load_settings(profile, overrides)
+    given = _keys(read_profile(profile))
+    changed = {".".join(parse_override(text)[0][:2]) for text in overrides}
+    print(f"# profile {settings.profile}. (default): the paper's SD1.5 run, smpo_core/settings.py; "
+          f"(profile): set by the profile; (--set): an override")
+    section = None
+    for key, value, description in describe(settings):
+        if key.split(".")[0] != section:
+            section = key.split(".")[0]
+            print(f"\n[{section}] {type(settings.section(section)).__doc__ or ''}".rstrip())
+        origin = "--set" if key in changed else "profile" if key in given else "default"
+        print(f"{key}={value!r}  ({origin})  # {description}")
+    print("\n[environment] read once per run (smpo_core/environment.py)")
+    env = environment()
+    for name, field in Environment.model_fields.items():
+        value = getattr(env, name)
+        shown = "(unset)" if value is None else value
+        print(f"{Environment.variable(name)}={shown}  # {field.description}")
+
+
+def _keys(data: dict[str, Any]) -> set[str]:
+    return {f"{section}.{key}" for section, values in data.items() if isinstance(values, dict)
+            for key in values}
+
+
+class _OneLineSmpoErrors(logging.Filter):
+    """Prefect logs a failed flow or task with its traceback; for an SmpoError (bad input,
+    said in one line) the command prints that line itself, so the traceback is noise."""
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        if record.exc_info and isinstance(record.exc_info[1], SmpoError):
+            record.exc_info, record.exc_text = None, None
+        return True
+
+
+_ONE_LINE = _OneLineSmpoErrors()
 
 
 def main(argv: list[str] | None = None) -> int:
@@ -65,27 +109,23 @@ def main(argv: list[str] | None = None) -> int:
     # Offline machines: Prefect's temporary server would log a failed telemetry call each run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     try:
-        settings = load_settings(args.profile, args.overrides)
         if args.command == "settings":
-            print_settings(settings)
+            print_settings(args.profile, args.overrides)
             return 0
-        from flows.pipeline import preflight, prepare, smpo, with_upstream
+        store = args.store or str(environment().store)
+        request = dict(stages=args.stages or None, profile=args.profile,
+                       overrides=args.overrides, store=store, force=args.force)
+        plan = plan_run(**request)  # before Prefect starts: bad input fails at once
+        from flows.pipeline import run_checked
 
-        plan = with_upstream(args.stages)
-        for stage in args.force:
-            if stage not in STAGES:
-                raise SmpoError(f"--force {stage!r}: unknown stage; expected one of "
-                                f"{', '.join(STAGES)}")
-        store = args.store or default_store()
-        prepare(settings, store)  # an unreachable MLflow server fails here, before any stage
-        preflight(settings, store, plan)
-        rows = smpo(stages=args.stages or None, profile=args.profile,
-                    overrides=args.overrides, store=store, force=args.force)
+        for name in ("prefect.flow_runs", "prefect.task_runs"):
+            logging.getLogger(name).addFilter(_ONE_LINE)
+        rows = run_checked(plan, **request)
     except SmpoError as exc:
         print(f"smpo: error: {exc}", file=sys.stderr)
         return 2
     print_table(rows)
-    _print_next_steps(Path(store).resolve(), rows)
+    _print_next_steps(Path(store).expanduser().resolve(), rows)
     return 0
 
 
@@ -95,9 +135,8 @@ def _print_next_steps(store: Path, rows: list[dict]) -> None:
     if evaluate:
         print(f"report: {Path(evaluate['path']) / 'report.html'}")
         print(f"image grid: {Path(evaluate['path']) / 'grid.png'}")
-    uri = os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{store / 'mlflow.db'}"
-    print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  "
-          f"(then open http://127.0.0.1:5000)")
+    print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri(store)} --port 5000"
+          f"  (then open http://127.0.0.1:5000)")
 
 
 if __name__ == "__main__":

@@ -3,8 +3,14 @@
     download ──► score ──────────────┐
         └──────► invert ──► train ◄──┘ ──► evaluate
 
-A requested stage brings its upstream stages with it; they are reused when their outputs
-exist, so `smpo run train evaluate` recomputes only what changed.
+The graph is the stage registry (smpo_core.settings.STAGES). A requested stage brings its
+upstream stages with it; they are reused when their outputs exist, so `smpo run train
+evaluate` recomputes only what changed.
+
+Every check of the parameters is `plan_run` (flows/plan.py), which the flow runs first, so a
+deployment run and `smpo run` fail alike, before anything is written. `smpo run` checks before
+it starts Prefect (a temporary server takes seconds) and hands its plan to the flow
+(`run_checked`), which then does not check again.
 """
 
 from __future__ import annotations
@@ -17,45 +23,10 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import flow, runtime
 
-from smpo_core.worlds import builtins as builtin
-from smpo_core.errors import SmpoError
-from smpo_core.pickapic import describe_source, iter_source
-from smpo_core.settings import STAGES, Settings, load_settings
-from smpo_core.store import default_store
+from flows.plan import RunPlan, plan_run
+from smpo_core.settings import STAGES
 from stages import tracking
-from stages.common import RunContext, StageResult
-from stages.download import download_stage
-from stages.evaluate import evaluate_stage
-from stages.invert import invert_stage
-from stages.score import score_stage
-from stages.train import train_stage
-
-UPSTREAM = {
-    "download": (),
-    "score": ("download",),
-    "invert": ("download",),
-    "train": ("invert", "score"),
-    "evaluate": ("train",),
-}
-TASKS = {"download": download_stage, "score": score_stage, "invert": invert_stage,
-         "train": train_stage, "evaluate": evaluate_stage}
-def with_upstream(stages: list[str] | None) -> list[str]:
-    """The requested stages and everything they need, in DAG order."""
-    requested = list(stages or STAGES)
-    unknown = [s for s in requested if s not in STAGES]
-    if unknown:
-        raise SmpoError(f"stage {unknown[0]!r}: unknown; expected some of {', '.join(STAGES)}")
-    needed: set[str] = set()
-
-    def add(stage: str) -> None:
-        if stage not in needed:
-            needed.add(stage)
-            for parent in UPSTREAM[stage]:
-                add(parent)
-
-    for stage in requested:
-        add(stage)
-    return [s for s in STAGES if s in needed]
+from stages.common import RunContext, StageResult, stage_task
 
 
 def code_version() -> str:
@@ -68,40 +39,25 @@ def code_version() -> str:
         return "unknown"
 
 
-def prepare(settings: Settings, store: str) -> tuple[str, str, MlflowClient]:
-    """Tracking URI, experiment id and client; fails early when the server is unreachable."""
-    Path(store).mkdir(parents=True, exist_ok=True)
-    uri = tracking.tracking_uri(Path(store).resolve())
-    tracking.check_reachable(uri)
-    client = MlflowClient(uri)
-    return uri, tracking.experiment_id(client, uri, Path(store).resolve()), client
+_CHECKED: dict[tuple, RunPlan] = {}  # plans `run_checked` made, for the flow run it starts
 
 
-def preflight(settings: Settings, store: str, plan: list[str]) -> None:
-    """Check local inputs before any stage runs, so bad input fails with nothing written:
-    the first rows of a local Pick-a-Pic source (column names and types), and that local
-    model and checkpoint paths exist."""
-    paths = {"model.base": settings.model.base, "model.vae": settings.model.vae}
-    if "score" in plan:
-        paths |= {"score.checkpoint": settings.score.checkpoint,
-                  "score.processor": settings.score.processor}
-    if "evaluate" in plan:
-        paths |= {f"evaluate.metrics.{k}": v for k, v in settings.evaluate.metrics.items()}
-        paths |= {f"evaluate.metric_processors.{k}": v
-                  for k, v in settings.evaluate.metric_processors.items()}
-    for name, ref in paths.items():
-        if not ref or ref.startswith(builtin.PREFIX) or Path(ref).expanduser().exists():
-            continue
-        if ref.startswith((".", "/", "~")):
-            raise SmpoError(f"{name} {ref!r}: no such file or folder")
-        # A bare checkpoint file name is neither a local file nor `owner/repo/file` on the hub.
-        if ref.endswith((".pt", ".pth", ".bin", ".safetensors")) and ref.count("/") < 2:
-            raise SmpoError(f"{name} {ref!r}: no such file; download the published checkpoint "
-                            f"and give its path (or owner/repo/file on the hub)")
-    if "download" in plan:
-        source = builtin.resolve(settings.download.source, Path(store).resolve())
-        if describe_source(source) != "hub":
-            next(iter(iter_source(source, settings.download.split)), None)
+def _request(stages: list[str] | None, profile: str, overrides: list[str] | None,
+             store: str | None, force: list[str] | None) -> tuple:
+    return (tuple(stages or ()), profile, tuple(overrides or ()), store, tuple(force or ()))
+
+
+def run_checked(plan: RunPlan, stages: list[str] | None = None, profile: str = "tiny",
+                overrides: list[str] | None = None, store: str | None = None,
+                force: list[str] | None = None) -> list[dict[str, Any]]:
+    """The flow on a request `plan_run` checked into `plan`: it does not check it again."""
+    request = _request(stages, profile, overrides, store, force)
+    _CHECKED[request] = plan
+    try:
+        return smpo(stages=stages, profile=profile, overrides=overrides, store=store,
+                    force=force)
+    finally:
+        _CHECKED.pop(request, None)
 
 
 @flow(name="smpo", log_prints=True)
@@ -113,26 +69,27 @@ def smpo(
     force: list[str] | None = None,
 ) -> list[dict[str, Any]]:
     """Run the SmPO pipeline: `stages` (default all, upstream included) of `profile`, with
-    `section.key=value` overrides, into the stage store `store`."""
-    settings = load_settings(profile, overrides or [])
-    store = store or default_store()
-    plan = with_upstream(stages)
-    forced = set(force or [])
-    uri, experiment, client = prepare(settings, store)
-    preflight(settings, store, plan)
+    `section.key=value` overrides, into the stage store `store` (default $SMPO_STORE);
+    `force`: stages to recompute although their outputs exist."""
+    run = (_CHECKED.pop(_request(stages, profile, overrides, store, force), None)
+           or plan_run(stages, profile, overrides, store, force))
+    settings = run.settings
+    run.store.mkdir(parents=True, exist_ok=True)
+    client = MlflowClient(run.tracking_uri)
+    experiment = tracking.experiment_id(client, run.tracking_uri, run.store)
     tags = {"prefect.flow_run_id": runtime.flow_run.id or "", "smpo.profile": settings.profile,
-            "smpo.code_version": code_version(), "smpo.stages": ",".join(plan),
+            "smpo.code_version": code_version(), "smpo.stages": ",".join(run.stages),
             "smpo.overrides": " ".join(overrides or [])}
     if runtime.flow_run.ui_url:
         tags["prefect.flow_run_url"] = runtime.flow_run.ui_url
     started = time.strftime("%Y-%m-%d %H:%M:%S")
     with tracking.run(client, experiment, f"smpo {settings.profile} {started}", tags) as parent:
-        parent.params({"profile": settings.profile, "stages": ",".join(plan),
-                       "store": str(Path(store).resolve())})
-        ctx = RunContext(settings, str(Path(store).resolve()), uri, experiment, parent.run_id)
+        parent.params({"profile": settings.profile, "stages": ",".join(run.stages),
+                       "store": str(run.store)})
+        ctx = RunContext(settings, str(run.store), run.tracking_uri, experiment, parent.run_id)
         results: dict[str, StageResult] = {}
-        for stage in plan:
-            inputs = {name: results[name] for name in UPSTREAM[stage]}
-            results[stage] = TASKS[stage](ctx, **inputs, force=stage in forced)
+        for stage in run.stages:
+            inputs = {name: results[name] for name in STAGES[stage].upstream}
+            results[stage] = stage_task(stage)(ctx, inputs, force=stage in run.forced)
         parent.tags({"smpo.ran": ",".join(s for s, r in results.items() if not r.reused)})
     return [result.as_dict() for result in results.values()]

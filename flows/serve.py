@@ -4,9 +4,12 @@
     python -m flows.serve stop      end exactly what `start` started
     python -m flows.serve status    what runs, and where
 
-Settings come from the environment: SMPO_STORE (the stage store, default ./smpo-store),
-SMPO_PREFECT_PORT (4200), SMPO_MLFLOW_PORT (5000), SMPO_WORK_POOL (smpo-local). Everything
-listens on 127.0.0.1 only.
+Settings come from the environment (smpo_core/environment.py): SMPO_STORE (the stage store,
+default ./smpo-store), SMPO_PREFECT_PORT (4200), SMPO_MLFLOW_PORT (5000), SMPO_WORK_POOL
+(smpo-local). Everything listens on 127.0.0.1 only.
+
+The deployments are the stage registry's (smpo_core/settings.py STAGES): smpo/full and one per
+stage, written with prefect.yaml's shared parts into `<store>/.serve/prefect.yaml`.
 
 The MLflow server serves the store's own tracking database and artifact folder, the ones
 `smpo run` writes without a server, so runs logged either way appear side by side in its UI.
@@ -21,7 +24,6 @@ import contextlib
 import hashlib
 import json
 import os
-import re
 import signal
 import socket
 import subprocess
@@ -38,13 +40,16 @@ from urllib.parse import quote
 import psutil
 import yaml
 
+from smpo_core.environment import Environment, environment
 from smpo_core.errors import SmpoError
-from smpo_core.store import default_store
+from smpo_core.settings import STAGES
+from smpo_core.store import Store
 
 HOST = "127.0.0.1"
 REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's own `prefect` and `mlflow` commands
-DEFAULT_POOL = "smpo-local"
+DEFAULT_POOL = Environment.model_fields["work_pool"].default
+ENTRYPOINT = "flows/pipeline.py:smpo"
 SERVICES = ("prefect-server", "mlflow-server", "worker")  # start order; stop goes backwards
 START_TIMEOUT = 180.0  # seconds; a cold start on 2 busy cores takes ~10-30
 
@@ -58,13 +63,9 @@ class Config:
 
     @classmethod
     def from_env(cls) -> Config:
-        store = Path(default_store()).resolve()
-        pool = os.environ.get("SMPO_WORK_POOL") or DEFAULT_POOL
-        if re.search(r"[/%&><]", pool):
-            raise SmpoError(f"SMPO_WORK_POOL={pool!r}: a work pool name cannot contain "
-                            f"/ % & > or <")
-        return cls(store, _port("SMPO_PREFECT_PORT", 4200), _port("SMPO_MLFLOW_PORT", 5000),
-                   pool)
+        env = environment()
+        return cls(env.store.expanduser().resolve(), env.prefect_port, env.mlflow_port,
+                   env.work_pool)
 
     @property
     def run_dir(self) -> Path:
@@ -78,21 +79,10 @@ class Config:
     def mlflow_url(self) -> str:
         return f"http://{HOST}:{self.mlflow_port}"
 
-    @property
-    def artifacts(self) -> str:
-        return (self.store / "mlflow-artifacts").as_uri()
-
     def env(self) -> dict[str, str]:
         """The environment of every command and service: all talk to this Prefect server."""
         return os.environ | {"PREFECT_API_URL": f"{self.prefect_url}/api",
                              "PREFECT_SERVER_ANALYTICS_ENABLED": "false"}
-
-
-def _port(name: str, default: int) -> int:
-    value = os.environ.get(name) or str(default)
-    if not value.isdigit() or not 0 < int(value) < 65536:
-        raise SmpoError(f"{name}={value!r}: expected a TCP port number, e.g. {default}")
-    return int(value)
 
 
 def service_command(cfg: Config, name: str) -> tuple[list[str], dict[str, str]]:
@@ -107,17 +97,19 @@ def service_command(cfg: Config, name: str) -> tuple[list[str], dict[str, str]]:
         # a server: the worker on this machine writes there directly, this server reads them
         # for the UI, and the store stays readable without any server. The artifacts
         # destination also resolves proxied (mlflow-artifacts:/) runs into the same folder.
+        store = Store(cfg.store)
         return ([str(BIN / "mlflow"), "server", "--host", HOST, "--port", str(cfg.mlflow_port),
-                 "--workers", "1", "--backend-store-uri", f"sqlite:///{cfg.store / 'mlflow.db'}",
-                 "--default-artifact-root", cfg.artifacts,
-                 "--artifacts-destination", cfg.artifacts],
+                 "--workers", "1", "--backend-store-uri", store.tracking_uri,
+                 "--default-artifact-root", store.artifacts_uri,
+                 "--artifacts-destination", store.artifacts_uri],
                 {"MLFLOW_SERVER_ENABLE_JOB_EXECUTION": "false"})
     if name == "worker":
         # The flow runs this worker starts log to the MLflow server above and default to the
         # served store, so the UIs and the store agree.
         return ([str(BIN / "prefect"), "worker", "start", "--pool", cfg.pool,
                  "--name", f"{cfg.pool}-worker"],
-                {"MLFLOW_TRACKING_URI": cfg.mlflow_url, "SMPO_STORE": str(cfg.store)})
+                {Environment.variable("tracking_uri"): cfg.mlflow_url,
+                 Environment.variable("store"): str(cfg.store)})
     raise ValueError(name)
 
 
@@ -261,18 +253,33 @@ def prefect_cli(cfg: Config, *args: str) -> None:
                         f"the end of {log}:\n{_tail(log)}")
 
 
+def deployments() -> list[dict]:
+    """smpo/full, then one deployment per registered stage: that stage (its upstream stages
+    reused or built) and the stages it is deployed with. Each is a preset of the flow's
+    `stages` parameter; the other parameters keep the flow's defaults."""
+    def preset(name: str, description: str, parameters: dict) -> dict:
+        return {"name": name, "description": description, "entrypoint": ENTRYPOINT,
+                "parameters": parameters}
+
+    presets = [preset("full", "Every stage, download to evaluate; outputs that exist are "
+                      "reused.", {})]
+    for name, stage in STAGES.items():
+        also = f"; then {', '.join(stage.deploy_with)}" if stage.deploy_with else ""
+        presets.append(preset(name, f"{stage.summary} (Upstream stages reused or built{also}.)",
+                              {"stages": [name, *stage.deploy_with]}))
+    return presets
+
+
 def deployments_file(cfg: Config) -> Path:
-    """prefect.yaml, or a copy naming another work pool (`prefect deploy --all` applies no
-    `--pool` option to the deployments of a file)."""
-    source = REPO / "prefect.yaml"
-    if cfg.pool == DEFAULT_POOL:
-        return source
-    spec = yaml.safe_load(source.read_text())
-    for deployment in spec["deployments"]:
-        deployment["work_pool"] = deployment.get("work_pool", {}) | {"name": cfg.pool}
-    copy = cfg.run_dir / "prefect.yaml"
-    copy.write_text(yaml.safe_dump(spec, sort_keys=False))
-    return copy
+    """prefect.yaml's shared parts with the registry's deployments on this work pool, in the
+    run folder (`prefect deploy --all` applies no `--pool` option to a file's deployments)."""
+    spec = yaml.safe_load((REPO / "prefect.yaml").read_text())
+    pool = spec.pop("definitions", {}).get("work_pool", {}) | {"name": cfg.pool}
+    spec["deployments"] = [deployment | {"work_pool": dict(pool)} for deployment in deployments()]
+    cfg.run_dir.mkdir(parents=True, exist_ok=True)
+    generated = cfg.run_dir / "prefect.yaml"
+    generated.write_text(yaml.safe_dump(spec, sort_keys=False, allow_unicode=True))
+    return generated
 
 
 def _state(cfg: Config) -> dict:
@@ -297,8 +304,9 @@ def _check_ports_agree(cfg: Config) -> None:
 
 def _check_ports_free(cfg: Config) -> None:
     """Before starting anything: the ports of the servers still to start are free."""
-    for name, port, variable in (("prefect-server", cfg.prefect_port, "SMPO_PREFECT_PORT"),
-                                 ("mlflow-server", cfg.mlflow_port, "SMPO_MLFLOW_PORT")):
+    for name, port, field in (("prefect-server", cfg.prefect_port, "prefect_port"),
+                              ("mlflow-server", cfg.mlflow_port, "mlflow_port")):
+        variable = Environment.variable(field)
         if not running(cfg, name) and _port_answers(port):
             raise SmpoError(f"{name}: port {port} on {HOST} is taken by another program; stop "
                             f"it or choose a free port ({variable}=...)")

@@ -1,22 +1,32 @@
-"""Every knob of the pipeline, defined once: profiles (YAML) and `section.key=value` overrides.
+"""Every knob of the pipeline, defined once, and the registry of the stages they configure.
 
-Each stage has one settings model. Fields marked `result=False` (batch sizes, devices, shard
-sizes) cannot change what a stage computes, so they stay out of its cache key.
+A profile (configs/NAME.yaml) states only what differs from the defaults here, which are the
+paper's method on its main model, Stable Diffusion 1.5 (METHOD.md). `section.key=value`
+overrides (value read as YAML) reach nested keys too: `evaluate.metrics.hpsv2=FILE`.
+
+Each stage has one settings section, named like the stage. Fields marked `result=False`
+(batch sizes, devices, shard sizes) cannot change what a stage computes, so they stay out of
+its cache key. Where a run keeps things and which servers it talks to are environment
+variables (smpo_core/environment.py), not settings.
+
+STAGES is the stage graph: the flow, the `smpo` command, the Prefect deployments and
+`smpo settings` all read it. Adding a stage is one entry there and its module.
 """
 
 from __future__ import annotations
 
-import os
+import functools
+import typing
+from collections.abc import Sequence
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
 
+from smpo_core.environment import environment
 from smpo_core.errors import SmpoError
-
-STAGES = ("download", "score", "invert", "train", "evaluate")
-CONFIG_DIR = Path(os.environ.get("SMPO_CONFIGS", Path(__file__).resolve().parents[1] / "configs"))
 
 
 def _runtime(default: Any, description: str) -> Any:
@@ -25,17 +35,24 @@ def _runtime(default: Any, description: str) -> Any:
 
 
 class Section(BaseModel):
+    """One section of a profile (the model, or one stage's settings)."""
+
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that can change this stage's output: the part hashed into its key."""
         kept = {}
         for name, field in type(self).model_fields.items():
-            extra = field.json_schema_extra or {}
-            if isinstance(extra, dict) and extra.get("result") is False:
+            if not is_result_setting(field):
                 continue
             kept[name] = getattr(self, name)
         return _plain(kept)
+
+
+def is_result_setting(field: Any) -> bool:
+    """False for a `_runtime` field: it cannot change what its stage computes."""
+    extra = field.json_schema_extra or {}
+    return not (isinstance(extra, dict) and extra.get("result") is False)
 
 
 def _plain(value: Any) -> Any:
@@ -49,9 +66,12 @@ def _plain(value: Any) -> Any:
 
 
 class ModelSettings(Section):
+    """The base model and where it runs; shared by invert, train and evaluate."""
+
     base: str = Field(
         "stable-diffusion-v1-5/stable-diffusion-v1-5",
-        description="Base model (SD or SDXL): hub id, diffusers folder, builtin:tiny-sd(xl).",
+        description="Base model (SD 1.x/2.x or SDXL): hub id, diffusers folder, or "
+        "builtin:tiny-sd / builtin:tiny-sdxl.",
     )
     revision: str | None = Field(None, description="Hub revision of the base model.")
     vae: str | None = Field(
@@ -65,6 +85,8 @@ class ModelSettings(Section):
 
 
 class DownloadSettings(Section):
+    """Where the Pick-a-Pic v2 pairs come from (METHOD.md §1)."""
+
     source: str = Field(
         "yuvalkirstain/pickapic_v2",
         description="Hub dataset id, folder of Parquet files, save_to_disk folder, "
@@ -77,6 +99,8 @@ class DownloadSettings(Section):
 
 
 class ScoreSettings(Section):
+    """The reward model that scores every image, and the smoothing of its scores (§2)."""
+
     reward_model: str = Field(
         "pickscore",
         description="Reward model kind: pickscore | hpsv2 | imagereward | aesthetic | clipscore.",
@@ -97,6 +121,8 @@ class ScoreSettings(Section):
 
 
 class InvertSettings(Section):
+    """The ReNoise inversion that caches each pair's latent trajectory (§3)."""
+
     num_levels: int = Field(5, gt=0, description="K inversion levels, spaced T/K apart.")
     renoise_steps: int = Field(1, ge=0, description="R ReNoise refinements per level; 0 = DDIM.")
     average: Literal["mean", "last"] = Field(
@@ -111,6 +137,8 @@ class InvertSettings(Section):
 
 
 class TrainSettings(Section):
+    """The SmPO fine-tuning (§4); defaults are the paper's SD1.5 run."""
+
     method: Literal["preference", "sft"] = Field(
         "preference", description="preference: SmPO / Diffusion-DPO loss; sft: winner denoising."
     )
@@ -130,19 +158,27 @@ class TrainSettings(Section):
         0, ge=0, description="0: fine-tune the whole UNet; r > 0: train rank-r LoRA adapters "
         "on the attention projections only.",
     )
-    beta: float = Field(2000.0, gt=0, description="KL strength beta.")
-    learning_rate: float = Field(1.024e-5, gt=0)
-    warmup_steps: int = Field(100, ge=0)
+    beta: float = Field(2000.0, gt=0, description="KL strength beta (2000 for SD1.5, 5000 "
+                        "for SDXL in the paper).")
+    learning_rate: float = Field(1.024e-5, gt=0, description="Peak learning rate (the paper: "
+                                 "1e-8 x the effective batch of 1024 pairs).")
+    warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps, then constant.")
     max_steps: int = Field(200, gt=0, description="Optimiser steps.")
     batch_size: int = Field(1, gt=0, description="Pairs per micro-batch.")
     grad_accum: int = Field(128, gt=0, description="Micro-batches per optimiser step.")
-    weight_decay: float = Field(1e-2, ge=0)
-    max_grad_norm: float = Field(1.0, gt=0)
-    empty_caption_prob: float = Field(0.2, ge=0, le=1)
-    optimizer: Literal["adamw", "adafactor"] = "adamw"
-    mixed_precision: Literal["no", "fp16", "bf16"] = "fp16"
-    gradient_checkpointing: bool = False
-    seed: int = 0
+    weight_decay: float = Field(1e-2, ge=0, description="Decoupled weight decay of the "
+                                "optimiser.")
+    max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm.")
+    empty_caption_prob: float = Field(0.2, ge=0, le=1, description="Fraction of pairs "
+                                      "trained with the empty caption.")
+    optimizer: Literal["adamw", "adafactor"] = Field(
+        "adamw", description="adamw (SD1.5 in the paper) or adafactor (SDXL).")
+    mixed_precision: Literal["no", "fp16", "bf16"] = Field(
+        "fp16", description="Autocast precision on a GPU (always no on the CPU).")
+    gradient_checkpointing: bool = Field(
+        False, description="Recompute UNet activations in the backward pass to save memory.")
+    seed: int = Field(0, description="Seed of the pair order, timesteps, noise and caption "
+                      "dropout.")
     checkpoint_every: int = _runtime(50, "Save resumable training state every N steps.")
     log_every: int = _runtime(1, "Log metrics every N optimiser steps.")
     num_processes: Annotated[int, Field(gt=0)] = _runtime(
@@ -150,14 +186,17 @@ class TrainSettings(Section):
 
 
 class EvaluateSettings(Section):
+    """Base against tuned model on a prompt set, every metric (§5)."""
+
     prompts: str = Field(
-        "builtin:tiny", description="Prompt set: builtin:tiny, a .txt file (one per line), "
-        "or a Parquet file / folder with a caption column.",
+        "yuvalkirstain/pickapic_v2@test_unique", description="Prompt set: <hub dataset "
+        "id>@<split>, a .txt file (one per line), a Parquet file / folder with a caption or "
+        "prompt column, or builtin:tiny-prompts.",
     )
-    num_prompts: int = Field(500, gt=0)
+    num_prompts: int = Field(500, gt=0, description="The first N distinct prompts of the set.")
     seed: int = Field(0, description="Image i uses generator seed seed + i, for both models.")
-    num_inference_steps: int = Field(50, gt=0)
-    guidance_scale: float = Field(7.5, ge=0)
+    num_inference_steps: int = Field(50, gt=0, description="DDIM sampling steps per image.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
     metrics: dict[str, str] = Field(
         default_factory=lambda: {
             "pickscore": "yuvalkirstain/PickScore_v1",
@@ -179,75 +218,264 @@ class EvaluateSettings(Section):
     batch_size: int = _runtime(4, "Prompts per generation batch.")
 
 
+# -- the stage registry -------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Stage:
+    """One stage of the pipeline: all that the flow, the CLI, the deployments and `smpo
+    settings` know of it. Its computation is `compute(run)` in `module` (default
+    `stages.<name>`), which may also define TASK_OPTIONS (Prefect task options, e.g. retries).
+    """
+
+    name: str
+    summary: str  # one line: what it does and writes (CLI help, deployments, `smpo settings`)
+    settings: type[Section]  # its section of a profile, under its name
+    upstream: tuple[str, ...] = ()  # the stages whose outputs it reads
+    shares: tuple[str, ...] = ()  # other sections its output depends on (in its key)
+    # Bump when the stage writes something else for the same settings and inputs: old
+    # outputs are then recomputed rather than reused.
+    version: str = "1"
+    module: str | None = None
+    deploy_with: tuple[str, ...] = ()  # its deployment smpo/<name> runs these after it
+
+    @property
+    def implementation(self) -> str:
+        return self.module or f"stages.{self.name}"
+
+
+def _registry(*stages: Stage) -> dict[str, Stage]:
+    return {stage.name: stage for stage in stages}
+
+
+#: Every stage, in an order where each comes after its upstream stages.
+STAGES: dict[str, Stage] = _registry(
+    Stage("download", "Pick-a-Pic pairs from the source into normalised Parquet shards; ties, "
+          "unlabelled, identical and corrupt pairs dropped.", DownloadSettings, version="2"),
+    Stage("score", "Every unique image scored by the reward model; pairs into soft labels p "
+          "and w.", ScoreSettings, upstream=("download",)),
+    Stage("invert", "ReNoise-inverted latent trajectories of the pairs, cached for training.",
+          InvertSettings, upstream=("download",), shares=("model",)),
+    Stage("train", "SmPO fine-tuning of the UNet (or LoRA adapters) against the frozen "
+          "reference.", TrainSettings, upstream=("invert", "score"), shares=("model",),
+          deploy_with=("evaluate",)),
+    Stage("evaluate", "Base and tuned model generate from the same prompts and seeds; every "
+          "metric scores both.", EvaluateSettings, upstream=("train",), shares=("model",)),
+)
+
+
+def check_registry() -> None:
+    """The registry is a graph the flow can run: names unique to sections, upstream stages
+    registered before their dependants, shared sections that exist."""
+    seen: list[str] = []
+    for name, stage in STAGES.items():
+        if name != stage.name or name in ("profile", "model"):
+            raise SmpoError(f"stage registry: entry {name!r} holds stage {stage.name!r}; names "
+                            f"must match and differ from 'profile' and 'model'")
+        for parent in (*stage.upstream, *stage.deploy_with):
+            if parent not in STAGES:
+                raise SmpoError(f"stage {name!r}: unknown stage {parent!r} in its registry entry")
+        if late := [parent for parent in stage.upstream if parent not in seen]:
+            raise SmpoError(f"stage {name!r}: its upstream {late[0]!r} must be registered "
+                            f"before it")
+        if missing := [s for s in stage.shares if s != "model" and s not in STAGES]:
+            raise SmpoError(f"stage {name!r}: shares unknown section {missing[0]!r}")
+        seen.append(name)
+
+
+def check_stages(names: Sequence[str], what: str = "stage") -> list[str]:
+    """The names, each a registered stage, or an SmpoError naming the first that is not."""
+    for name in names:
+        if name not in STAGES:
+            raise SmpoError(f"{what} {name!r}: unknown; expected some of {', '.join(STAGES)}")
+    return list(names)
+
+
+def with_upstream(stages: Sequence[str] | None) -> list[str]:
+    """The requested stages (default: all) and every stage they need, in registry order."""
+    check_registry()
+    needed: set[str] = set()
+
+    def add(stage: str) -> None:
+        if stage not in needed:
+            needed.add(stage)
+            for parent in STAGES[stage].upstream:
+                add(parent)
+
+    for stage in check_stages(list(stages or STAGES)):
+        add(stage)
+    return [s for s in STAGES if s in needed]
+
+
+# -- a whole profile ----------------------------------------------------------------------
+
+
 class Settings(BaseModel):
-    """A whole profile: the model and one section per stage."""
+    """A whole profile: the model section and one section per registered stage (the class
+    `settings_model()` builds from STAGES; this base holds what every profile has)."""
 
     model_config = ConfigDict(extra="forbid", validate_assignment=True)
 
-    profile: str = "custom"
-    model: ModelSettings = Field(default_factory=ModelSettings)
-    download: DownloadSettings = Field(default_factory=DownloadSettings)
-    score: ScoreSettings = Field(default_factory=ScoreSettings)
-    invert: InvertSettings = Field(default_factory=InvertSettings)
-    train: TrainSettings = Field(default_factory=TrainSettings)
-    evaluate: EvaluateSettings = Field(default_factory=EvaluateSettings)
+    profile: str = Field("custom", description="The profile's name: its file name, recorded "
+                         "with every run.")
+    model: ModelSettings = Field(default_factory=ModelSettings,
+                                 description=ModelSettings.__doc__)
+
+    def __reduce__(self):
+        # The composed class is built at run time: pickle the values, rebuild on load.
+        return _settings_from_dump, (self.model_dump(),)
+
+    def section(self, name: str) -> Section:
+        """A section by name: `model` or a stage's."""
+        return getattr(self, name)
 
 
-def available_profiles() -> list[str]:
-    return sorted(p.stem for p in CONFIG_DIR.glob("*.yaml"))
+def _settings_from_dump(data: dict[str, Any]) -> Settings:
+    return settings_model().model_validate(data)
+
+
+@functools.cache
+def _compose(sections: tuple[tuple[str, type[Section], str], ...]) -> type[Settings]:
+    fields: dict[str, Any] = {
+        name: (cls, Field(default_factory=cls, description=summary))
+        for name, cls, summary in sections}
+    return create_model("Settings", __base__=Settings, __module__=__name__, **fields)
+
+
+def settings_model() -> type[Settings]:
+    """The profile model of the registered stages: `profile`, `model`, then one section per
+    stage, in registry order."""
+    return _compose(tuple((s.name, s.settings, s.summary) for s in STAGES.values()))
+
+
+def section_names() -> list[str]:
+    return [name for name, field in settings_model().model_fields.items()
+            if _section_class(field.annotation)]
+
+
+def _section_class(annotation: Any) -> type[Section] | None:
+    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) \
+        else None
 
 
 def setting_keys() -> list[str]:
     """Every `section.key` a user may override."""
-    keys = []
-    for section, field in Settings.model_fields.items():
-        if isinstance(field.annotation, type) and issubclass(field.annotation, BaseModel):
-            keys += [f"{section}.{name}" for name in field.annotation.model_fields]
-    return keys
+    return [f"{section}.{name}" for section in section_names()
+            for name in settings_model().model_fields[section].annotation.model_fields]
 
 
-def parse_override(text: str) -> tuple[list[str], Any]:
-    """`train.beta=5000` -> (["train", "beta"], 5000); the value is read as YAML."""
-    if "=" not in text:
-        raise SmpoError(f"override {text!r}: expected SECTION.KEY=VALUE, e.g. train.beta=5000")
-    key, raw = text.split("=", 1)
-    path = key.strip().split(".")
-    if key.strip() not in setting_keys():
-        raise SmpoError(
-            f"override {text!r}: unknown setting {key.strip()!r}; "
-            f"run `smpo settings` to list them (e.g. {', '.join(setting_keys()[:4])}, ...)"
-        )
-    try:
-        value = yaml.safe_load(raw) if raw.strip() else None
-    except yaml.YAMLError as exc:
-        raise SmpoError(f"override {text!r}: value is not valid YAML ({exc})") from None
-    return path, value
+def available_profiles() -> list[str]:
+    return sorted(p.stem for p in environment().configs.glob("*.yaml"))
 
 
-def load_settings(profile: str = "tiny", overrides: list[str] | tuple[str, ...] = ()) -> Settings:
-    """Read a profile (a name in configs/ or a YAML path), apply `section.key=value` overrides."""
+def profile_path(profile: str) -> Path:
+    """A profile name in the configs folder ($SMPO_CONFIGS), or a path to a YAML file."""
     path = Path(profile)
     if not path.suffix:
-        path = CONFIG_DIR / f"{profile}.yaml"
+        path = environment().configs / f"{profile}.yaml"
     if not path.is_file():
         raise SmpoError(
             f"profile {profile!r}: no such profile; expected one of "
             f"{', '.join(available_profiles())} or a path to a YAML file"
         )
-    data = yaml.safe_load(path.read_text()) or {}
+    return path
+
+
+def read_profile(profile: str) -> dict[str, Any]:
+    """A profile's own values (what it changes from the defaults), as written."""
+    path = profile_path(profile)
+    try:
+        data = yaml.safe_load(path.read_text()) or {}
+    except yaml.YAMLError as exc:
+        raise SmpoError(f"profile {path}: not valid YAML ({exc})") from None
+    if not isinstance(data, dict):
+        raise SmpoError(f"profile {path}: expected a mapping of sections, got "
+                        f"{type(data).__name__}")
+    return data
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.beta=5000` -> (["train", "beta"], 5000); `evaluate.metrics.hpsv2=x` reaches into a
+    mapping setting. The value is read as YAML."""
+    if "=" not in text:
+        raise SmpoError(f"override {text!r}: expected SECTION.KEY=VALUE, e.g. train.beta=5000")
+    key, raw = (part.strip() for part in text.split("=", 1))
+    path = key.split(".")
+    if ".".join(path[:2]) not in setting_keys() or "" in path:
+        raise SmpoError(
+            f"override {text!r}: unknown setting {'.'.join(path[:2])!r}; "
+            f"run `smpo settings` to list them (e.g. {', '.join(setting_keys()[:4])}, ...)"
+        )
+    if len(path) > 2 and not _is_mapping(path[0], path[1]):
+        raise SmpoError(f"override {text!r}: {path[0]}.{path[1]} is not a mapping, so it has "
+                        f"no key {'.'.join(path[2:])!r}")
+    try:
+        value = yaml.safe_load(raw) if raw else None
+    except yaml.YAMLError as exc:
+        raise SmpoError(f"override {text!r}: value is not valid YAML ({exc})") from None
+    return path, value
+
+
+def _field(section: str, key: str) -> Any:
+    return settings_model().model_fields[section].annotation.model_fields[key]
+
+
+def _is_mapping(section: str, key: str) -> bool:
+    return typing.get_origin(_field(section, key).annotation) is dict
+
+
+def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
+    """Set `section.key[.inner...]` in profile data; an inner key changes one entry of the
+    mapping the profile (or else the default) holds, leaving its other entries."""
+    section, key, *inner = path
+    values = data.setdefault(section, {})
+    if not isinstance(values, dict):
+        raise SmpoError(f"profile section {section!r}: expected a mapping of settings, got "
+                        f"{values!r}")
+    if not inner:
+        values[key] = value
+        return
+    current = values.get(key)
+    if current is None:
+        current = _field(section, key).get_default(call_default_factory=True)
+    mapping = node = dict(current)
+    for part in inner[:-1]:
+        node[part] = node = dict(node.get(part) or {})
+    node[inner[-1]] = value
+    values[key] = mapping
+
+
+def load_settings(profile: str = "tiny", overrides: Sequence[str] = ()) -> Settings:
+    """Read a profile (a name in the configs folder or a YAML path), apply overrides."""
+    path = profile_path(profile)
+    data = read_profile(profile)
     data.setdefault("profile", path.stem)
     for text in overrides:
-        keys, value = parse_override(text)
-        data.setdefault(keys[0], {})[keys[1]] = value
+        apply_override(data, *parse_override(text))
     try:
-        return Settings.model_validate(data)
+        return settings_model().model_validate(data)
     except ValidationError as exc:
         raise SmpoError(_one_line(exc, source=str(path), overrides=overrides)) from None
 
 
-def _one_line(exc: ValidationError, source: str, overrides: list[str] | tuple[str, ...]) -> str:
+def _one_line(exc: ValidationError, source: str, overrides: Sequence[str]) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"])
     given = next((o for o in overrides if o.split("=", 1)[0].strip() == key), None)
     where = f"override {given!r}" if given else f"profile {source}"
     return f"{where}: setting {key}: {err['msg']} (got {err.get('input')!r})"
+
+
+def describe(settings: Settings) -> list[tuple[str, Any, str]]:
+    """(`section.key`, value, description) for every setting, in section order."""
+    rows = []
+    for section in section_names():
+        values = settings.section(section)
+        for name, field in type(values).model_fields.items():
+            rows.append((f"{section}.{name}", getattr(values, name), field.description or ""))
+    return rows
+
+
+def shared_sections(stage: str) -> tuple[str, ...]:
+    """The sections whose result settings go into a stage's key: its own and those it shares."""
+    return (stage, *STAGES[stage].shares)

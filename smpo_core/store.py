@@ -19,14 +19,6 @@ from typing import Any
 
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"  # the name ending of every file or folder still being written
-DEFAULT_STORE = "smpo-store"
-
-
-def default_store() -> str:
-    """The store folder when none is given: $SMPO_STORE, else ./smpo-store."""
-    return os.environ.get("SMPO_STORE") or DEFAULT_STORE
-
-
 def stage_key(
     stage: str, settings: dict[str, Any], input_keys: dict[str, str], version: str
 ) -> str:
@@ -102,6 +94,17 @@ class Store:
 
     def builtin_dir(self, name: str) -> Path:
         return self.root / "builtin" / name
+
+    @property
+    def tracking_uri(self) -> str:
+        """The store's own MLflow tracking database (used when MLFLOW_TRACKING_URI is unset,
+        and served by `make serve`)."""
+        return f"sqlite:///{self.root / 'mlflow.db'}"
+
+    @property
+    def artifacts_uri(self) -> str:
+        """Where MLflow keeps the artifacts of runs tracked in the store."""
+        return (self.root / "mlflow-artifacts").as_uri()
 
     def is_complete(self, stage: str, key: str) -> bool:
         return (self.stage_dir(stage, key) / MANIFEST).is_file()

@@ -1,9 +1,11 @@
 """What every stage does around its computation: key, reuse, MLflow child run, manifest,
-Prefect progress and summary artifacts. Stage modules supply only the computation."""
+Prefect progress and summary artifacts, and its Prefect task. Stage modules supply only the
+computation, `compute(run)`; the stage registry (smpo_core.settings.STAGES) says the rest."""
 
 from __future__ import annotations
 
 import contextlib
+import importlib
 import logging
 import sys
 import time
@@ -13,15 +15,14 @@ from pathlib import Path
 from typing import Any
 
 from mlflow.tracking import MlflowClient
+from prefect import Task, task
+from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
-from smpo_core.settings import Settings
+from smpo_core.settings import STAGES, Settings, shared_sections
 from smpo_core.store import MANIFEST, Store, read_manifest, stage_key
 from smpo_core.worlds import builtins
 from stages import tracking
-
-# Which settings sections each stage's output depends on, besides its own.
-SHARED_SECTIONS = {"invert": ("model",), "train": ("model",), "evaluate": ("model",)}
 
 
 @dataclass
@@ -153,27 +154,26 @@ class StageRun:
 
 
 def settings_for_key(settings: Settings, stage: str) -> dict[str, Any]:
-    sections = (stage, *SHARED_SECTIONS.get(stage, ()))
-    return {name: getattr(settings, name).result_settings() for name in sections}
+    return {name: settings.section(name).result_settings() for name in shared_sections(stage)}
 
 
-def stage_key_for(ctx: RunContext, stage: str, version: str,
-                  inputs: dict[str, StageResult]) -> str:
-    return stage_key(stage, settings_for_key(ctx.settings, stage),
-                     {name: result.key for name, result in inputs.items()}, version)
+def stage_key_for(settings: Settings, stage: str, input_keys: dict[str, str]) -> str:
+    """The key of a stage's output: its result settings, its inputs' keys, its version."""
+    return stage_key(stage, settings_for_key(settings, stage), input_keys,
+                     STAGES[stage].version)
 
 
 def run_stage(
     ctx: RunContext,
     stage: str,
-    version: str,
     inputs: dict[str, StageResult],
     compute: Callable[[StageRun], dict[str, Any]],
     force: bool = False,
 ) -> StageResult:
     """Reuse the stage's output if its manifest exists, else compute it; track either way."""
     started = time.perf_counter()
-    key = stage_key_for(ctx, stage, version, inputs)
+    version = STAGES[stage].version
+    key = stage_key_for(ctx.settings, stage, {name: result.key for name, result in inputs.items()})
     store = ctx.store
     out_dir = store.stage_dir(stage, key)
     if force:
@@ -184,7 +184,7 @@ def run_stage(
             "smpo.output": str(out_dir), "smpo.profile": ctx.settings.profile}
     with tracking.run(client, ctx.experiment_id, stage, tags, ctx.parent_run_id) as tracker:
         tracker.params(settings_for_key(ctx.settings, stage)
-                       | {stage: getattr(ctx.settings, stage).model_dump()})
+                       | {stage: ctx.settings.section(stage).model_dump()})
         if reused:
             logger().info("%s: reusing %s", stage, out_dir)
             manifest = read_manifest(out_dir)
@@ -236,3 +236,25 @@ def _summary_artifact(result: StageResult) -> None:
                                  description=f"{result.stage} manifest")
     except Exception as exc:  # outside a Prefect run there is nowhere to show it
         logging.getLogger("smpo").debug("summary artifact skipped: %s", exc)
+
+
+_TASKS: dict[tuple[str, str], Task] = {}
+
+
+def stage_task(name: str) -> Task:
+    """The Prefect task of a registered stage: `run_stage` around `compute` of its module,
+    with the module's TASK_OPTIONS (e.g. retries). Called as task(ctx, inputs, force)."""
+    stage = STAGES[name]
+    if (name, stage.implementation) not in _TASKS:
+        module = importlib.import_module(stage.implementation)
+
+        def run(ctx: RunContext, inputs: dict[str, StageResult] | None = None,
+                force: bool = False) -> StageResult:
+            return run_stage(ctx, name, inputs or {}, module.compute, force)
+
+        # Prefect keys a task by its function's name: one per stage.
+        run.__name__ = run.__qualname__ = f"{name}_stage"
+        options = {"name": name, "cache_policy": NO_CACHE,
+                   **getattr(module, "TASK_OPTIONS", {})}
+        _TASKS[name, stage.implementation] = task(**options)(run)
+    return _TASKS[name, stage.implementation]

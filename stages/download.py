@@ -6,8 +6,6 @@ import json
 from typing import Any
 
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from smpo_core.errors import SmpoError
 from smpo_core.pickapic import (
@@ -20,9 +18,8 @@ from smpo_core.pickapic import (
     quarantine_files,
 )
 from smpo_core.store import folder_size, write_json
-from stages.common import RunContext, StageResult, StageRun, run_stage
+from stages.common import StageRun
 
-VERSION = "2"
 # Written before the first shard: a resumed run reads the same hub commit as the killed one.
 SOURCE = "source.json"
 
@@ -97,7 +94,6 @@ def retry_if_transient(task: Any, task_run: Any, state: Any) -> bool:
     return error is not None and is_transient(error)
 
 
-@task(name="download", cache_policy=NO_CACHE, retries=2, retry_delay_seconds=10,
-      retry_condition_fn=retry_if_transient)
-def download_stage(ctx: RunContext, force: bool = False) -> StageResult:
-    return run_stage(ctx, "download", VERSION, {}, compute, force)
+# Network failures are retried: the rerun resumes after the last complete shard.
+TASK_OPTIONS = {"retries": 2, "retry_delay_seconds": 10,
+                "retry_condition_fn": retry_if_transient}

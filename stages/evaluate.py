@@ -8,8 +8,6 @@ from typing import Any
 import pyarrow as pa
 import pyarrow.parquet as pq
 from diffusers import UNet2DConditionModel
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from smpo_core.evaluation import (
     build_pipeline,
@@ -23,9 +21,7 @@ from smpo_core.models import resolve_device, resolve_dtype
 from smpo_core.report import evaluation_report, score_distributions, win_rate_bars
 from smpo_core.rewards import load_reward_model
 from smpo_core.store import atomic_path, write_json
-from stages.common import RunContext, StageResult, StageRun, run_stage
-
-VERSION = "1"
+from stages.common import StageRun
 
 
 def compute(run: StageRun) -> dict[str, Any]:
@@ -95,8 +91,3 @@ def _write_outputs(run: StageRun, prompts: list[str], images: dict, scores: dict
     evaluation_report(out / "report.html", summary, record, figures)
     run.artifacts += [out / "summary.json", out / "scores.parquet", out / "grid.png", bars,
                       spread, out / "report.html"]
-
-
-@task(name="evaluate", cache_policy=NO_CACHE)
-def evaluate_stage(ctx: RunContext, train: StageResult, force: bool = False) -> StageResult:
-    return run_stage(ctx, "evaluate", VERSION, {"train": train}, compute, force)

@@ -5,9 +5,6 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
-from prefect import task
-from prefect.cache_policies import NO_CACHE
-
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import (
     encode_captions,
@@ -17,9 +14,7 @@ from smpo_core.models import (
 )
 from smpo_core.pickapic import iter_pairs
 from smpo_core.trajectories import build_cache, expected_bytes, invert_pair_batch, write_cache_meta
-from stages.common import RunContext, StageResult, StageRun, run_stage
-
-VERSION = "1"
+from stages.common import StageRun
 
 
 def compute(run: StageRun) -> dict[str, Any]:
@@ -64,8 +59,3 @@ def compute(run: StageRun) -> dict[str, Any]:
             "resumed_shards": stats["resumed_shards"], "levels": levels,
             "expected_bytes": size, "bytes": stats["bytes_written"],
             "unet_forwards_per_image": len(levels) * (1 + cfg.renoise_steps)}
-
-
-@task(name="invert", cache_policy=NO_CACHE)
-def invert_stage(ctx: RunContext, download: StageResult, force: bool = False) -> StageResult:
-    return run_stage(ctx, "invert", VERSION, {"download": download}, compute, force)

@@ -6,8 +6,6 @@ from typing import Any
 
 import numpy as np
 import pyarrow.parquet as pq
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from smpo_core.models import resolve_device
 from smpo_core.report import histograms
@@ -21,9 +19,8 @@ from smpo_core.scoring import (
 )
 from smpo_core.smoothing import resolve_bounds
 from smpo_core.store import atomic_path
-from stages.common import RunContext, StageResult, StageRun, run_stage
+from stages.common import StageRun
 
-VERSION = "1"
 LABELS = "labels.parquet"
 
 
@@ -63,8 +60,3 @@ def compute(run: StageRun) -> dict[str, Any]:
         "human_agreement": human_agreement(labels),
         "reward_mean": float(all_scores.mean()) if len(all_scores) else 0.0,
     }
-
-
-@task(name="score", cache_policy=NO_CACHE)
-def score_stage(ctx: RunContext, download: StageResult, force: bool = False) -> StageResult:
-    return run_stage(ctx, "score", VERSION, {"download": download}, compute, force)

@@ -6,41 +6,16 @@ fluent active-run stack is per thread and Prefect runs tasks in worker threads.
 
 from __future__ import annotations
 
-import os
-import socket
 import time
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
-from urllib.parse import urlparse
 
 from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
-from smpo_core.errors import SmpoError
-
-EXPERIMENT = os.environ.get("SMPO_EXPERIMENT", "smpo")
-
-
-def tracking_uri(store_root: Path) -> str:
-    """`MLFLOW_TRACKING_URI` if set, else a SQLite database in the store."""
-    return os.environ.get("MLFLOW_TRACKING_URI") or f"sqlite:///{Path(store_root) / 'mlflow.db'}"
-
-
-def check_reachable(uri: str, timeout: float = 3.0) -> None:
-    """Fail before any stage runs when an MLflow server is configured but not answering."""
-    parsed = urlparse(uri)
-    if parsed.scheme not in ("http", "https"):
-        return
-    port = parsed.port or (443 if parsed.scheme == "https" else 80)
-    try:
-        with socket.create_connection((parsed.hostname, port), timeout=timeout):
-            return
-    except OSError as exc:
-        raise SmpoError(
-            f"MLFLOW_TRACKING_URI {uri!r}: no MLflow server answers there ({exc.strerror or exc}); "
-            f"start it (make serve) or unset MLFLOW_TRACKING_URI to track into the store"
-        ) from None
+from smpo_core.environment import environment
+from smpo_core.store import Store
 
 
 class Tracker:
@@ -85,16 +60,16 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
 
 def experiment_id(client: MlflowClient, uri: str, store_root: Path) -> str:
     """The experiment's id, created on first use."""
-    found = client.get_experiment_by_name(EXPERIMENT)
+    name = environment().experiment
+    found = client.get_experiment_by_name(name)
     if found:
         return found.experiment_id
-    artifacts = (Path(store_root) / "mlflow-artifacts").as_uri()
     # A remote server decides where artifacts live; a local store keeps them beside the data.
-    location = None if uri.startswith(("http://", "https://")) else artifacts
+    location = None if uri.startswith(("http://", "https://")) else Store(store_root).artifacts_uri
     try:
-        return client.create_experiment(EXPERIMENT, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location)
     except Exception:  # created concurrently by another process: read it back
-        found = client.get_experiment_by_name(EXPERIMENT)
+        found = client.get_experiment_by_name(name)
         if not found:
             raise
         return found.experiment_id

@@ -21,15 +21,13 @@ import numpy as np
 import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from diffusers import DDIMScheduler, UNet2DConditionModel
-from prefect import task
-from prefect.cache_policies import NO_CACHE
 
 from smpo_core.errors import SmpoError
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import add_lora, resolve_device, resolve_dtype, save_lora
 from smpo_core.report import training_curves
 from smpo_core.scoring import preference_targets
-from smpo_core.settings import Settings
+from smpo_core.settings import Settings, settings_model
 from smpo_core.store import atomic_dir, atomic_path
 from smpo_core.training import (
     CachedPairs,
@@ -42,10 +40,9 @@ from smpo_core.training import (
     warmup_constant,
 )
 from smpo_core.trajectories import TrajectoryCache
-from stages.common import Progress, RunContext, StageResult, StageRun, run_stage
+from stages.common import Progress, StageRun
 from stages.score import LABELS
 
-VERSION = "1"
 STATE = "train_state.pt"
 HISTORY = "history.json"
 LAUNCH_SPEC = "launch.json"  # what the launched processes train: settings and folders
@@ -247,7 +244,7 @@ def main(argv: list[str] | None = None) -> None:
                                      "`accelerate launch`; started by the train stage.")
     parser.add_argument("--spec", type=Path, required=True, help="the stage's launch.json")
     spec = json.loads(parser.parse_args(argv).spec.read_text())
-    settings = Settings.model_validate(spec["settings"])
+    settings = settings_model().model_validate(spec["settings"])
 
     def say(message: str, *args: Any) -> None:
         print(message % args, flush=True)
@@ -265,12 +262,6 @@ def main(argv: list[str] | None = None) -> None:
     if PartialState().is_main_process:
         with atomic_path(Path(spec["result"])) as tmp:
             tmp.write_text(json.dumps(summary))
-
-
-@task(name="train", cache_policy=NO_CACHE)
-def train_stage(ctx: RunContext, invert: StageResult, score: StageResult,
-                force: bool = False) -> StageResult:
-    return run_stage(ctx, "train", VERSION, {"invert": invert, "score": score}, compute, force)
 
 
 if __name__ == "__main__":

@@ -5,7 +5,8 @@ A setting such as `model.base: builtin:tiny-sd` then reads them through the same
 ones (a Parquet folder, `from_pretrained` folders, checkpoint files, a prompt file), so the
 offline profiles exercise the real loading code. To add a builtin: one entry in BUILTINS, a
 function that builds it into its folder (once: `store.build_once`) and returns the path the
-setting stands for.
+setting stands for. Model writers are imported where used: they bring torch, and resolving
+a data or prompt builtin must not wait for it.
 """
 
 from __future__ import annotations
@@ -15,7 +16,7 @@ from pathlib import Path
 
 from smpo_core.errors import SmpoError
 from smpo_core.store import Store, build_once
-from smpo_core.worlds import checkpoints, tiny
+from smpo_core.worlds import tiny
 
 PREFIX = "builtin:"
 TINY_PAIRS = 320  # rows of the tiny Pick-a-Pic train split
@@ -38,6 +39,8 @@ def _tiny_prompts(folder: Path) -> Path:
 
 def _tiny_hpsv2(folder: Path) -> Path:
     """An HPSv2-format checkpoint file and the CLIP tokenizer folder it pairs with."""
+    from smpo_core.worlds import checkpoints
+
     def build(path: Path) -> None:
         checkpoints.save_tiny_clip_tokenizer(path / "tokenizer")
         checkpoints.write_tiny_hpsv2_checkpoint(path / "HPS_v2.1_compressed.pt", seed=0)
@@ -47,6 +50,8 @@ def _tiny_hpsv2(folder: Path) -> Path:
 
 def _tiny_imagereward(folder: Path) -> Path:
     """An ImageReward.pt-format file and the BERT WordPiece vocabulary folder it pairs with."""
+    from smpo_core.worlds import checkpoints
+
     def build(path: Path) -> None:
         vocab = checkpoints.write_bert_vocab(path / "bert", tiny.caption_words())
         tokens = len((vocab / "vocab.txt").read_text().split()) + 2  # + [DEC], [ENC]
@@ -57,6 +62,8 @@ def _tiny_imagereward(folder: Path) -> Path:
 
 def _tiny_aesthetic(folder: Path) -> Path:
     """A LAION-aesthetic-format MLP head for the tiny CLIP's 32-wide image embedding."""
+    from smpo_core.worlds import checkpoints
+
     head = "sac+logos+ava1-l14-linearMSE.pth"
     return build_once(folder, head, lambda path: checkpoints.write_tiny_aesthetic_head(
         path / head, in_features=32)) / head

@@ -24,7 +24,6 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image, ImageDraw
 
-from smpo_core.rewards.tokenizers import bytes_to_unicode, clip_tokenizer
 from smpo_core.schema import PICKAPIC_SCHEMA
 from smpo_core.store import atomic_path, build_once
 
@@ -325,6 +324,8 @@ def _apply_merges(symbols: list[str], ranks: dict[tuple[str, str], int]) -> list
 def _word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
     """Merges that turn each word into one token. Each new merge ranks last, so it can only
     fire once earlier merges are exhausted and never changes how earlier words tokenize."""
+    from smpo_core.rewards.tokenizers import bytes_to_unicode  # the package imports torch
+
     table = bytes_to_unicode()
     ranks: dict[tuple[str, str], int] = {}
     for word in words:
@@ -338,6 +339,8 @@ def _word_merges(words: Iterable[str]) -> list[tuple[str, str]]:
 def build_clip_tokenizer(words: Iterable[str] | None = None) -> CLIPTokenizer:
     """A CLIP byte-level BPE tokenizer built in memory; each of `words` (default: the caption
     grammar's vocabulary) is one token, anything else falls back to byte tokens."""
+    from smpo_core.rewards.tokenizers import clip_tokenizer
+
     return clip_tokenizer(_word_merges(caption_words() if words is None else words))
 
 

@@ -1,0 +1,96 @@
+"""Every check of a run's parameters, in one place: the `smpo` flow runs them first (so a
+deployment run fails as `smpo run` does), and `smpo run` runs them before it starts Prefect.
+
+Cheap to import (no Prefect, MLflow or torch): bad input is reported in a fraction of a second.
+"""
+
+from __future__ import annotations
+
+import socket
+from dataclasses import dataclass
+from pathlib import Path
+from urllib.parse import urlparse
+
+from smpo_core.environment import environment
+from smpo_core.errors import SmpoError
+from smpo_core.pickapic import describe_source, iter_source
+from smpo_core.refs import CHECKPOINT_SUFFIXES, is_hub_file, looks_local
+from smpo_core.settings import Settings, check_stages, load_settings, with_upstream
+from smpo_core.store import Store
+from smpo_core.worlds import builtins
+
+
+@dataclass(frozen=True)
+class RunPlan:
+    """A checked request: the settings, the stages in order and where it all goes."""
+
+    settings: Settings
+    stages: list[str]
+    forced: frozenset[str]
+    store: Path
+    tracking_uri: str
+
+
+def plan_run(stages: list[str] | None, profile: str, overrides: list[str] | None,
+             store: str | None, force: list[str] | None) -> RunPlan:
+    """The checked plan of a run, or an SmpoError naming the bad input. Writes nothing but
+    what a builtin source needs to be read."""
+    settings = load_settings(profile, overrides or [])
+    plan = with_upstream(stages)
+    forced = frozenset(check_stages(force or [], "--force"))
+    root = Path(store or environment().store).expanduser().resolve()
+    if root.exists() and not root.is_dir():
+        raise SmpoError(f"store {str(root)!r}: is a file; expected a folder (or none yet)")
+    uri = tracking_uri(root)
+    check_reachable(uri)
+    preflight(settings, root, plan)
+    return RunPlan(settings, plan, forced, root, uri)
+
+
+def tracking_uri(store_root: Path) -> str:
+    """Where a run into this store is tracked: MLFLOW_TRACKING_URI if set, else the store's
+    own SQLite database."""
+    return environment().tracking_uri or Store(store_root).tracking_uri
+
+
+def check_reachable(uri: str, timeout: float = 3.0) -> None:
+    """Fail before any stage runs when an MLflow server is configured but not answering."""
+    parsed = urlparse(uri)
+    if parsed.scheme not in ("http", "https"):
+        return
+    port = parsed.port or (443 if parsed.scheme == "https" else 80)
+    try:
+        with socket.create_connection((parsed.hostname, port), timeout=timeout):
+            return
+    except OSError as exc:
+        raise SmpoError(
+            f"MLFLOW_TRACKING_URI {uri!r}: no MLflow server answers there ({exc.strerror or exc}); "
+            f"start it (make serve) or unset MLFLOW_TRACKING_URI to track into the store"
+        ) from None
+
+
+def preflight(settings: Settings, store: Path, plan: list[str]) -> None:
+    """Check local inputs before any stage runs, so bad input fails with nothing written:
+    that local model and checkpoint paths exist, and the first rows of a local Pick-a-Pic
+    source (column names and types)."""
+    paths = {"model.base": settings.model.base, "model.vae": settings.model.vae}
+    if "score" in plan:
+        paths |= {"score.checkpoint": settings.score.checkpoint,
+                  "score.processor": settings.score.processor}
+    if "evaluate" in plan:
+        paths |= {f"evaluate.metrics.{k}": v for k, v in settings.evaluate.metrics.items()}
+        paths |= {f"evaluate.metric_processors.{k}": v
+                  for k, v in settings.evaluate.metric_processors.items()}
+    for name, ref in paths.items():
+        if not ref or builtins.is_builtin(ref) or Path(ref).expanduser().exists():
+            continue
+        if looks_local(ref):
+            raise SmpoError(f"{name} {ref!r}: no such file or folder")
+        # A bare checkpoint file name is neither a local file nor `owner/repo/file` on the hub.
+        if ref.endswith(CHECKPOINT_SUFFIXES) and not is_hub_file(ref):
+            raise SmpoError(f"{name} {ref!r}: no such file; download the published checkpoint "
+                            f"and give its path (or owner/repo/file on the hub)")
+    if "download" in plan:
+        source = builtins.resolve(settings.download.source, store)
+        if describe_source(source) != "hub":
+            next(iter(iter_source(source, settings.download.split)), None)

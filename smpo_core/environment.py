@@ -1,0 +1,65 @@
+"""The environment variables that change what smpo does, read in one place.
+
+Profiles (configs/*.yaml) say what a run computes; these say where it keeps things and which
+servers it talks to, so none of them enters a stage key. `smpo settings` lists them with the
+profile's settings; `Environment` is their single definition (name, default, meaning).
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from pydantic import Field, ValidationError
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+from smpo_core.errors import SmpoError
+
+REPO = Path(__file__).resolve().parents[1]
+PREFIX = "SMPO_"
+
+
+class Environment(BaseSettings):
+    """SMPO_* variables, and MLflow's own MLFLOW_TRACKING_URI. Unset or empty: the default."""
+
+    model_config = SettingsConfigDict(env_prefix=PREFIX, env_ignore_empty=True, extra="ignore",
+                                      frozen=True)
+
+    store: Path = Field(
+        Path("smpo-store"),
+        description="The stage store (outputs, built-in models, MLflow database) when `smpo run "
+        "--store` or the flow's `store` parameter is not given; `make serve` serves it.")
+    experiment: str = Field(
+        "smpo", min_length=1, description="The MLflow experiment every run is logged to.")
+    configs: Path = Field(
+        REPO / "configs", description="The folder of profiles: `--profile NAME` reads "
+        "NAME.yaml there.")
+    prefect_port: int = Field(
+        4200, gt=0, lt=65536, description="`make serve`: the Prefect server's port (API and "
+        "UI) on 127.0.0.1.")
+    mlflow_port: int = Field(
+        5000, gt=0, lt=65536, description="`make serve`: the MLflow server's port (API and UI) "
+        "on 127.0.0.1.")
+    work_pool: str = Field(
+        "smpo-local", pattern=r"^[^/%&><]+$", description="`make serve`: the Prefect work pool "
+        "(process type) whose worker runs the deployments; no / % & > or <.")
+    tracking_uri: str | None = Field(
+        None, validation_alias="MLFLOW_TRACKING_URI", description="Where runs are logged: an "
+        "MLflow server (http://...) or database URI; unset: sqlite:///<store>/mlflow.db.")
+
+    @classmethod
+    def variable(cls, field: str) -> str:
+        """The environment variable that sets `field`."""
+        alias = cls.model_fields[field].validation_alias
+        return alias if isinstance(alias, str) else PREFIX + field.upper()
+
+
+def environment() -> Environment:
+    """The environment as it is now (read on every call: cheap, and tests change it)."""
+    try:
+        return Environment()
+    except ValidationError as exc:
+        error = exc.errors()[0]
+        field = Environment.model_fields[str(error["loc"][0])]
+        name = Environment.variable(str(error["loc"][0]))
+        raise SmpoError(f"{name}={error.get('input')!r}: {error['msg']} ({field.description})"
+                        ) from None
