@@ -3,6 +3,7 @@
     python -m flows.serve start     start what is not running yet, register the deployments
     python -m flows.serve stop      end exactly what `start` started
     python -m flows.serve status    what runs, and where
+    python -m flows.serve deploy    only register the deployments, on $PREFECT_API_URL
 
 Settings come from the environment (smpo_core/environment.py): SMPO_STORE (the stage store,
 default ./smpo-store), SMPO_PREFECT_PORT (4200), SMPO_MLFLOW_PORT (5000), SMPO_WORK_POOL
@@ -390,6 +391,17 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def deploy(cfg: Config) -> None:
+    """Register the deployments on the Prefect server PREFECT_API_URL names (a server this
+    module did not start, e.g. docker/compose.yaml's)."""
+    spec = deployments_file(cfg)
+    done = subprocess.run([str(BIN / "prefect"), "--no-prompt", "deploy", "--all",
+                           "--prefect-file", str(spec)], cwd=REPO, check=False)
+    if done.returncode != 0:
+        raise SmpoError(f"`prefect deploy --all --prefect-file {spec}` failed "
+                        f"(exit {done.returncode})")
+
+
 def stop(cfg: Config) -> None:
     stopped = 0
     for name in reversed(SERVICES):
@@ -419,7 +431,7 @@ def status(cfg: Config) -> int:
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="python -m flows.serve", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("command", choices=("start", "stop", "status"))
+    parser.add_argument("command", choices=("start", "stop", "status", "deploy"))
     args = parser.parse_args(argv)
     try:
         cfg = Config.from_env()
@@ -427,6 +439,8 @@ def main(argv: list[str] | None = None) -> int:
             start(cfg)
         elif args.command == "stop":
             stop(cfg)
+        elif args.command == "deploy":
+            deploy(cfg)
         else:
             return status(cfg)
     except SmpoError as exc:

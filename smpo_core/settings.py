@@ -29,7 +29,7 @@ from smpo_core.environment import environment
 from smpo_core.errors import SmpoError
 
 
-def _runtime(default: Any, description: str) -> Any:
+def runtime_setting(default: Any, description: str) -> Any:
     """A setting that changes how fast or where a stage runs, never what it computes."""
     return Field(default, description=description, json_schema_extra={"result": False})
 
@@ -50,7 +50,7 @@ class Section(BaseModel):
 
 
 def is_result_setting(field: Any) -> bool:
-    """False for a `_runtime` field: it cannot change what its stage computes."""
+    """False for a `runtime_setting` field: it cannot change what its stage computes."""
     extra = field.json_schema_extra or {}
     return not (isinstance(extra, dict) and extra.get("result") is False)
 
@@ -81,7 +81,7 @@ class ModelSettings(Section):
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float16", description="Weights dtype of the frozen models (VAE, text encoder, reference)."
     )
-    device: str = _runtime("auto", "auto | cpu | cuda | cuda:N.")
+    device: str = runtime_setting("auto", "auto | cpu | cuda | cuda:N.")
 
 
 class DownloadSettings(Section):
@@ -95,7 +95,7 @@ class DownloadSettings(Section):
     revision: str | None = Field(None, description="Hub revision of the dataset.")
     split: str = Field("train", description="train, validation, test, validation_unique, ...")
     max_pairs: int | None = Field(None, gt=0, description="Stop after this many usable pairs.")
-    shard_rows: int = _runtime(2048, "Rows per output Parquet shard.")
+    shard_rows: int = runtime_setting(2048, "Rows per output Parquet shard.")
 
 
 class ScoreSettings(Section):
@@ -116,8 +116,8 @@ class ScoreSettings(Section):
         "paper", description="Reward normalisation bounds for smoothing (METHOD.md §2)."
     )
     gamma: float = Field(10.0, gt=0, description="Sensitivity gamma of the smoothed weight.")
-    batch_size: int = _runtime(32, "Images per reward-model forward.")
-    device: str = _runtime("auto", "auto | cpu | cuda | cuda:N.")
+    batch_size: int = runtime_setting(32, "Images per reward-model forward.")
+    device: str = runtime_setting("auto", "auto | cpu | cuda | cuda:N.")
 
 
 class InvertSettings(Section):
@@ -132,8 +132,8 @@ class InvertSettings(Section):
         None, gt=0, description="Cache only the first N pairs (the ones training will consume)."
     )
     seed: int = Field(0, description="Seed of the VAE posterior samples.")
-    batch_size: int = _runtime(8, "Pairs per inversion batch.")
-    shard_pairs: int = _runtime(256, "Pairs per safetensors shard.")
+    batch_size: int = runtime_setting(8, "Pairs per inversion batch.")
+    shard_pairs: int = runtime_setting(256, "Pairs per safetensors shard.")
 
 
 class TrainSettings(Section):
@@ -179,9 +179,9 @@ class TrainSettings(Section):
         False, description="Recompute UNet activations in the backward pass to save memory.")
     seed: int = Field(0, description="Seed of the pair order, timesteps, noise and caption "
                       "dropout.")
-    checkpoint_every: int = _runtime(50, "Save resumable training state every N steps.")
-    log_every: int = _runtime(1, "Log metrics every N optimiser steps.")
-    num_processes: Annotated[int, Field(gt=0)] = _runtime(
+    checkpoint_every: int = runtime_setting(50, "Save resumable training state every N steps.")
+    log_every: int = runtime_setting(1, "Log metrics every N optimiser steps.")
+    num_processes: Annotated[int, Field(gt=0)] = runtime_setting(
         1, "Processes (GPUs) for training; > 1 runs the training under `accelerate launch`.")
 
 
@@ -215,7 +215,7 @@ class EvaluateSettings(Section):
         },
         description="Metric kind -> processor, where it differs from the checkpoint.",
     )
-    batch_size: int = _runtime(4, "Prompts per generation batch.")
+    batch_size: int = runtime_setting(4, "Prompts per generation batch.")
 
 
 # -- the stage registry -------------------------------------------------------------------

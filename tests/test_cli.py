@@ -7,6 +7,9 @@ import sys
 
 import pytest
 
+from smpo_core.environment import Environment
+from smpo_core.settings import describe, load_settings
+
 CASES = [
     (["--profile", "nope"], "profile 'nope': no such profile; expected one of"),
     (["--set", "train.bta=1"], "unknown setting 'train.bta'"),
@@ -14,7 +17,10 @@ CASES = [
     (["--set", "train.labels=maybe"], "train.labels: Input should be 'smoothed' or 'human'"),
     (["--set", "nokey"], "expected SECTION.KEY=VALUE"),
     (["evaluat"], "stage 'evaluat': unknown; expected some of download, score"),
-    (["--force", "trian"], "--force 'trian': unknown stage"),
+    (["--force", "trian"], "--force 'trian': unknown; expected some of download, score"),
+    (["--set", "train.beta.x=1"], "train.beta is not a mapping, so it has no key 'x'"),
+    (["evaluate", "--set", "evaluate.metrics.hpsv2=/nowhere/HPS.pt"],
+     "evaluate.metrics.hpsv2 '/nowhere/HPS.pt': no such file or folder"),
 ]
 
 
@@ -30,12 +36,26 @@ def test_bad_input_exits_2_with_one_line_and_writes_nothing(tmp_path, args, mess
     assert not store.exists()
 
 
-def test_settings_lists_every_key_with_its_value():
-    result = subprocess.run([sys.executable, "-m", "flows.cli", "settings", "--set",
-                             "train.beta=5000"], capture_output=True, text=True, timeout=120)
-    assert result.returncode == 0
-    assert "train.beta=5000.0" in result.stdout
-    assert "model.base='builtin:tiny-sd'" in result.stdout
+def test_settings_explains_every_setting_of_a_profile():
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "settings", "--profile", "sd15",
+                             "--set", "train.beta=5000", "--set",
+                             "evaluate.metrics.hpsv2=/models/HPS_v2.1_compressed.pt"],
+                            capture_output=True, text=True, timeout=120)
+    assert result.returncode == 0, result.stderr
+    lines = {line.split("=", 1)[0]: line for line in result.stdout.splitlines()
+             if "=" in line and not line.startswith("#")}
+    settings = load_settings("sd15")
+    for key, _, description in describe(settings):
+        assert description, f"{key} has no description"
+        assert f"# {description}" in lines[key]
+    assert lines["train.beta"].startswith("train.beta=5000.0  (--set)")
+    assert "(profile)" in lines["invert.max_pairs"]  # sd15.yaml sets it
+    assert lines["train.learning_rate"].startswith("train.learning_rate=1.024e-05  (default)")
+    # The nested override changed one metric and kept the other four.
+    metrics = dict(settings.evaluate.metrics, hpsv2="/models/HPS_v2.1_compressed.pt")
+    assert lines["evaluate.metrics"].startswith(f"evaluate.metrics={metrics!r}  (--set)")
+    for name in Environment.model_fields:
+        assert Environment.variable(name) in lines, name
 
 
 def test_source_missing_a_column_fails_before_any_stage_output(tmp_path):

@@ -7,6 +7,7 @@ import inspect
 import os
 import socket
 import subprocess
+import sys
 import urllib.request
 from pathlib import Path
 
@@ -14,9 +15,9 @@ import pytest
 import yaml
 from PIL import Image
 
-from flows.pipeline import smpo, with_upstream
+from flows.pipeline import smpo
 from flows.serve import DEFAULT_POOL, Config, deployments_file
-from smpo_core.settings import STAGES, load_settings
+from smpo_core.settings import STAGES, load_settings, with_upstream
 from tests.conftest import (
     BIN,
     FAST,
@@ -30,40 +31,42 @@ from tests.conftest import (
     tags,
 )
 
-DEPLOYMENTS = ("full", "download", "score", "invert", "train", "evaluate")
+
+def _deployments(store: Path, pool: str = DEFAULT_POOL) -> list[dict]:
+    """The deployments `make serve` registers for a work pool."""
+    cfg = Config(store, 4200, 5000, pool)
+    return yaml.safe_load(deployments_file(cfg).read_text())["deployments"]
 
 
-def _deployments() -> list[dict]:
-    return yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]
-
-
-def test_prefect_yaml_presets_are_valid_runs_of_the_smpo_flow():
-    parameters = set(inspect.signature(smpo.fn).parameters)
+def test_every_stage_has_a_deployment_that_runs_it_and_full_runs_all(tmp_path):
+    flow_parameters = inspect.signature(smpo.fn).parameters
     assert smpo.name == "smpo"  # so the addresses are smpo/full, smpo/train, ...
-    assert tuple(d["name"] for d in _deployments()) == DEPLOYMENTS
-    for deployment in _deployments():
+    deployments = {d["name"]: d for d in _deployments(tmp_path)}
+    assert set(deployments) == {"full", *STAGES}
+    for name, deployment in deployments.items():
         preset = deployment["parameters"]
         assert deployment["entrypoint"] == "flows/pipeline.py:smpo"
         assert deployment["work_pool"]["name"] == DEFAULT_POOL
-        assert set(preset) == parameters, deployment["name"]
-        assert preset["profile"] == "tiny" and preset["store"] is None
-        load_settings(preset["profile"], preset["overrides"])
-        if deployment["name"] == "full":
-            assert with_upstream(preset["stages"]) == list(STAGES)
-        else:  # a stage's preset runs that stage (train also evaluates its checkpoint)
-            assert preset["stages"][0] == deployment["name"]
-            assert deployment["name"] in with_upstream(preset["stages"])
+        assert set(preset) <= set(flow_parameters), name
+        # What the worker runs: the preset over the flow's defaults, checked as the flow does.
+        run = {k: v.default for k, v in flow_parameters.items()} | preset
+        load_settings(run["profile"], run["overrides"] or [])
+        planned = with_upstream(run["stages"])
+        if name == "full":
+            assert planned == list(STAGES)
+        else:
+            assert run["stages"][0] == name and name in planned
+    assert deployments["train"]["parameters"]["stages"] == ["train", "evaluate"]
 
 
-def test_another_work_pool_goes_into_a_copy_of_prefect_yaml(tmp_path):
-    cfg = Config(tmp_path, 4200, 5000, "gpu-pool")
-    cfg.run_dir.mkdir()
-    copy = yaml.safe_load(deployments_file(cfg).read_text())["deployments"]
-    assert [d["work_pool"]["name"] for d in copy] == ["gpu-pool"] * len(DEPLOYMENTS)
-    for original, changed in zip(_deployments(), copy, strict=True):
+def test_another_work_pool_changes_only_the_pool(tmp_path):
+    default, other = _deployments(tmp_path / "a"), _deployments(tmp_path / "b", "gpu-pool")
+    assert [d["work_pool"]["name"] for d in other] == ["gpu-pool"] * len(default)
+    for original, changed in zip(default, other, strict=True):
         assert {k: v for k, v in changed.items() if k != "work_pool"} == \
                {k: v for k, v in original.items() if k != "work_pool"}
-    assert deployments_file(Config(tmp_path, 4200, 5000, DEFAULT_POOL)) == REPO / "prefect.yaml"
+    assert deployments_file(Config(tmp_path, 1, 2, "gpu-pool")) == tmp_path / ".serve" / \
+        "prefect.yaml"
 
 
 def test_serve_refuses_a_port_another_program_listens_on(tmp_path):
@@ -84,10 +87,21 @@ def test_serve_twice_starts_nothing_new_and_registers_every_deployment(served: S
     assert served.pids_after_second_serve == served.pids
     assert served.second_serve_output.count("already running") == len(SERVICES)
     deployments = served.prefect_api("/deployments/filter", {})
-    assert sorted(d["name"] for d in deployments) == sorted(DEPLOYMENTS)
+    assert sorted(d["name"] for d in deployments) == sorted(["full", *STAGES])
     assert {d["work_pool_name"] for d in deployments} == {DEFAULT_POOL}
     assert served.prefect_api(f"/work_pools/{DEFAULT_POOL}")["type"] == "process"
     assert urllib.request.urlopen(f"{served.mlflow_url}/health").read() == b"OK"
+
+
+@pytest.mark.integration
+def test_deploy_registers_the_deployments_on_the_server_it_is_given(served: Served, full_run):
+    """What the docker worker runs against its compose Prefect server."""
+    done = subprocess.run([sys.executable, "-m", "flows.serve", "deploy"], env=served.env,
+                          cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
+    assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
+    deployments = served.prefect_api("/deployments/filter", {})
+    assert sorted(d["name"] for d in deployments) == sorted(["full", *STAGES])
+    assert {d["work_pool_name"] for d in deployments} == {DEFAULT_POOL}
 
 
 @pytest.mark.integration
@@ -163,6 +177,8 @@ def failed_runs(served: Served, full_run) -> dict[str, DeploymentRun]:
             "evaluate", [*FAST, "evaluate.prompts=/nonexistent/prompts.txt"], watch=False),
         "missing_source": served.run_deployment(
             "download", ["download.source=/nonexistent/pickapic"], watch=False),
+        # A misspelt stage to recompute: refused by the flow before anything runs.
+        "misspelt_force": served.run_deployment("full", FAST, watch=False, force=["trian"]),
     }
     for run in started.values():
         run.state = served.final_state(run.flow_run_id)
@@ -178,12 +194,17 @@ def _error_lines(served: Served, run: DeploymentRun, text: str) -> list[str]:
     return lines
 
 
+def _failed_with(served: Served, run: DeploymentRun, text: str) -> None:
+    """The flow run failed, and its Prefect log has the SmpoError line saying `text`."""
+    assert run.state == "FAILED"
+    lines = _error_lines(served, run, text)
+    assert any("SmpoError" in line for line in lines), lines
+
+
 @pytest.mark.integration
 def test_a_stage_error_is_one_readable_line_in_the_prefect_logs(served, failed_runs):
     run = failed_runs["missing_prompts"]
-    assert run.state == "FAILED"
-    lines = _error_lines(served, run, "evaluate.prompts '/nonexistent/prompts.txt'")
-    assert any("SmpoError" in line for line in lines), lines
+    _failed_with(served, run, "evaluate.prompts '/nonexistent/prompts.txt'")
     _, stages = served.mlflow_runs(run.flow_run_id)
     assert stages["evaluate"]["info"]["status"] == "FAILED"
     assert tags(stages["evaluate"])["smpo.error"].startswith("SmpoError: evaluate.prompts")
@@ -192,10 +213,14 @@ def test_a_stage_error_is_one_readable_line_in_the_prefect_logs(served, failed_r
 
 @pytest.mark.integration
 def test_a_bad_source_fails_the_flow_run_with_its_message(served, failed_runs):
-    run = failed_runs["missing_source"]
-    assert run.state == "FAILED"
-    lines = _error_lines(served, run, "download.source '/nonexistent/pickapic'")
-    assert any("SmpoError" in line for line in lines), lines
+    _failed_with(served, failed_runs["missing_source"], "download.source '/nonexistent/pickapic'")
+
+
+@pytest.mark.integration
+def test_a_deployment_run_gets_the_checks_of_smpo_run(served, failed_runs):
+    run = failed_runs["misspelt_force"]
+    _failed_with(served, run, "--force 'trian': unknown; expected some of download")
+    assert served.search_runs(f"tags.`prefect.flow_run_id` = '{run.flow_run_id}'") == []
 
 
 @pytest.mark.integration
@@ -211,7 +236,10 @@ def test_train_after_a_failed_train_reuses_upstream_and_reruns_train_and_evaluat
     assert tags(stages["train"])["smpo.error"].startswith("SmpoError: train: the loss diverged")
     assert not (Path(tags(stages["train"])["smpo.output"]) / "manifest.json").exists()
 
-    rerun = served.run_deployment("train", [*FAST, "train.beta=3000"])
+    # With a nested override: one evaluation metric's checkpoint, the others as they were.
+    clip = served.store / "builtin" / "tiny-clip"
+    rerun = served.run_deployment("train", [*FAST, "train.beta=3000",
+                                            f"evaluate.metrics.clipscore={clip}"])
     assert rerun.returncode == 0, rerun.output[-3000:]
     parent, stages = served.mlflow_runs(rerun.flow_run_id)
     assert {s: tags(r)["smpo.reused"] for s, r in stages.items()} == {
@@ -220,6 +248,9 @@ def test_train_after_a_failed_train_reuses_upstream_and_reruns_train_and_evaluat
     assert tags(parent)["smpo.ran"] == "train,evaluate"
     params = {p["key"]: p["value"] for p in stages["train"]["data"]["params"]}
     assert float(params["train.beta"]) == 3000.0
+    params = {p["key"]: p["value"] for p in stages["evaluate"]["data"]["params"]}
+    assert params["evaluate.metrics.clipscore"] == str(clip)
+    assert params["evaluate.metrics.hpsv2"] == "builtin:tiny-hpsv2"
     assert tags(stages["train"])["smpo.key"] != tags(full_run.stages["train"])["smpo.key"]
 
 

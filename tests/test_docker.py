@@ -12,6 +12,8 @@ from pathlib import Path
 import pytest
 import yaml
 
+from flows.serve import DEFAULT_POOL
+
 REPO = Path(__file__).resolve().parents[1]
 DOCKER = REPO / "docker"
 COMPOSE = DOCKER / "compose.yaml"
@@ -119,10 +121,8 @@ def test_servers_and_worker_are_wired_together(compose):
     worker = services["worker"]
     assert worker["environment"]["PREFECT_API_URL"] == "http://prefect-server:4200/api"
     assert worker["environment"]["MLFLOW_TRACKING_URI"] == "http://mlflow:5000"
-    assert "prefect worker start --pool smpo-local" in worker["command"]
-    pools = {d["work_pool"]["name"]
-             for d in yaml.safe_load((REPO / "prefect.yaml").read_text())["deployments"]}
-    assert pools == {"smpo-local"}
+    assert f"prefect worker start --pool {DEFAULT_POOL}" in worker["command"]
+    assert "python -m flows.serve deploy" in worker["command"]  # on the pool above
     devices = worker["deploy"]["resources"]["reservations"]["devices"]
     assert any(d["driver"] == "nvidia" and "gpu" in d["capabilities"] for d in devices)
     store = worker["environment"]["SMPO_STORE"]

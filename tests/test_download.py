@@ -13,7 +13,6 @@ import socket
 import subprocess
 import sys
 import threading
-import time
 from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from pathlib import Path
 from typing import ClassVar
@@ -25,6 +24,7 @@ import pytest
 from mlflow.tracking import MlflowClient
 from PIL import Image
 
+from smpo_core.environment import environment
 from smpo_core.errors import SmpoError
 from smpo_core.pickapic import (
     DownloadProgress,
@@ -40,8 +40,8 @@ from smpo_core.schema import PAIRS_SCHEMA, PICKAPIC_SCHEMA
 from smpo_core.settings import load_settings
 from smpo_core.worlds.tiny import expected_counts, write_synthetic_pickapic
 from stages import tracking
-from stages.common import RunContext, StageResult, run_stage
-from stages.download import VERSION, compute, download_stage, retry_if_transient
+from stages.common import RunContext, StageResult, run_stage, stage_task
+from stages.download import compute, retry_if_transient
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PAIRS, VALIDATION_PAIRS = 320, 60
@@ -276,8 +276,7 @@ def run_download_stage(store: str, source: str, shard_rows: int,
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
     experiment = tracking.experiment_id(MlflowClient(uri), uri, root)
-    return run_stage(RunContext(settings, str(root), uri, experiment), "download", VERSION, {},
-                     compute)
+    return run_stage(RunContext(settings, str(root), uri, experiment), "download", {}, compute)
 
 
 @pytest.fixture(scope="module")
@@ -296,28 +295,36 @@ def no_prefect_server() -> None:
         yield
 
 
-def _stage_process(store: Path, source: Path, shard_rows: int,
-                   tracking_uri: str) -> subprocess.Popen:
-    code = ("import sys; sys.path.insert(0, 'tests'); from test_download import "
-            "run_download_stage as run; run(sys.argv[1], sys.argv[2], int(sys.argv[3]), "
-            "sys.argv[4])")
+# A download stage in its own process that SIGKILLs itself at a fixed point: when committing
+# shard N (`argv[5]`), before or after progress.json records it (`argv[6]`). A kill -9 gives
+# the process no chance to clean up, as a crash or an OOM kill would not.
+_KILLED_AT_SHARD = """
+import os, signal, sys
+sys.path.insert(0, "tests")
+from smpo_core.pickapic import DownloadProgress
+from test_download import run_download_stage
+
+save, shard, when = DownloadProgress.save, int(sys.argv[5]), sys.argv[6]
+
+def save_and_die(self, folder):
+    if when == "after":
+        save(self, folder)
+    if self.shards == shard:
+        os.kill(os.getpid(), signal.SIGKILL)
+    save(self, folder)
+
+DownloadProgress.save = save_and_die
+run_download_stage(sys.argv[1], sys.argv[2], int(sys.argv[3]), sys.argv[4])
+"""
+
+
+def _killed_stage(store: Path, source: Path, shard_rows: int, tracking_uri: str, shard: int,
+                  when: str) -> int:
+    """Run the stage in a process that is killed at `shard`; its exit status."""
     env = os.environ | {"PYTHONPATH": str(REPO), "PREFECT_SERVER_ALLOW_EPHEMERAL_MODE": "false"}
-    return subprocess.Popen([sys.executable, "-c", code, str(store), str(source),
-                             str(shard_rows), tracking_uri], cwd=REPO,
-                            stderr=subprocess.DEVNULL, env=env)
-
-
-def _kill_after(process: subprocess.Popen, progress: Path, shards: int) -> int:
-    """SIGKILL `process` as soon as progress.json records more than `shards` shards."""
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline and process.poll() is None:
-        if progress.is_file() and (done := DownloadProgress.load(progress.parent).shards) > shards:
-            process.send_signal(signal.SIGKILL)
-            process.wait()
-            return done
-        time.sleep(0.002)
-    process.kill()
-    raise AssertionError(f"the download ended (rc {process.poll()}) before it could be killed")
+    return subprocess.run([sys.executable, "-c", _KILLED_AT_SHARD, str(store), str(source),
+                           str(shard_rows), tracking_uri, str(shard), when], cwd=REPO,
+                          stderr=subprocess.DEVNULL, env=env, timeout=600).returncode
 
 
 def test_killed_stage_resumes_to_exactly_the_clean_result(tmp_path: Path,
@@ -326,14 +333,20 @@ def test_killed_stage_resumes_to_exactly_the_clean_result(tmp_path: Path,
     write_synthetic_pickapic(source, num_pairs=1500, seed=3, num_files=3)
     clean = run_download_stage(str(tmp_path / "clean"), str(source), 16, tracking_uri)
     out = tmp_path / "killed" / "download" / clean.key
-    done = 0
-    for _ in range(2):  # killed, resumed and killed again, then resumed to the end
-        process = _stage_process(tmp_path / "killed", source, 16, tracking_uri)
-        done = _kill_after(process, out / "progress.json", done)
-        assert 0 < done < clean.summary["shards"]
+    # Killed with shard 5 renamed into place but not yet in progress.json; resumed and killed
+    # again right after shard 20 is recorded; then resumed to the end.
+    for shard, when, recorded in ((5, "before", 4), (20, "after", 20)):
+        status = _killed_stage(tmp_path / "killed", source, 16, tracking_uri, shard, when)
+        assert status == -signal.SIGKILL
+        assert DownloadProgress.load(out).shards == recorded
+        assert len(pair_shards(out)) == shard  # the 5th shard is there, but not recorded
         assert not (out / "manifest.json").exists()
+    kept = {f.name: f.stat().st_ino for f in pair_shards(out)}
     resumed = run_download_stage(str(tmp_path / "killed"), str(source), 16, tracking_uri)
     assert resumed.key == clean.key and not resumed.reused
+    assert clean.summary["shards"] > 20
+    # Resumed, not redone: the 20 recorded shards are the files the killed runs wrote.
+    assert {f.name: f.stat().st_ino for f in pair_shards(out)[:20]} == kept
     assert _pairs(out).equals(_pairs(Path(clean.path)))
     assert _quarantine(out).equals(_quarantine(Path(clean.path)))
     fields = ("pairs", "source_rows", "shards", "dropped", "quarantined_images",
@@ -363,8 +376,8 @@ def test_stage_writes_manifest_and_tracks_it(sources: dict, tmp_path: Path,
     assert manifest["source_files"] == 2 and manifest["split"] == "train"
     assert _pairs(Path(result.path)).num_rows == expected["usable"]
     client = MlflowClient(tracking_uri)
-    [run] = client.search_runs([client.get_experiment_by_name(tracking.EXPERIMENT).experiment_id],
-                               f"tags.`smpo.output` = '{result.path}'")
+    experiment = client.get_experiment_by_name(environment().experiment).experiment_id
+    [run] = client.search_runs([experiment], f"tags.`smpo.output` = '{result.path}'")
     assert run.info.status == "FINISHED" and run.data.tags["smpo.reused"] == "false"
     assert run.data.metrics["manifest.pairs"] == expected["usable"]
     assert run.data.metrics["manifest.dropped.tie"] == expected["ties"]
@@ -583,7 +596,7 @@ def test_retry_condition_retries_network_errors_only() -> None:
     from prefect.states import Failed
 
     def retried(error: BaseException) -> bool:
-        return retry_if_transient(download_stage, None, Failed(data=error))
+        return retry_if_transient(stage_task("download"), None, Failed(data=error))
 
     assert retried(SourceUnreachable("hub unreachable"))
     assert retried(ConnectionResetError("reset by peer"))
@@ -612,7 +625,7 @@ def test_prefect_retries_the_stage_on_network_errors_only(
     store.mkdir()
     client = MlflowClient(uri)
     experiment = tracking.experiment_id(client, uri, store)
-    task = download_stage.with_options(retry_delay_seconds=0)
+    task = stage_task("download").with_options(retry_delay_seconds=0)
 
     @flow
     def attempt(source: str) -> None:

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 from pathlib import Path
 
@@ -12,6 +13,7 @@ import torch
 from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors import safe_open
+from safetensors.torch import load_file
 
 from smpo_core.settings import STAGES
 from smpo_core.worlds.builtins import TINY_PAIRS
@@ -20,39 +22,68 @@ from smpo_core.worlds.tiny import expected_counts
 pytestmark = pytest.mark.integration
 
 
+KILLED_AT = 15  # a train step after the tiny profile's step-10 checkpoint
+
+
+class Killed(Exception):
+    """Stands for the process dying mid-training."""
+
+
 @pytest.fixture(scope="module")
 def runs(tmp_path_factory):
-    """Three flow runs into one store: fresh, unchanged, and with train.beta changed."""
+    """Flow runs into one store: fresh, unchanged, with train.beta changed, ..., a train stage
+    killed at step 15 of 30 and redone, other reward models, LoRA."""
     from prefect.testing.utilities import prefect_test_harness
 
     from flows.pipeline import smpo
+    from stages.tracking import Tracker
 
     store = tmp_path_factory.mktemp("store")
+    flows = 0
+
+    def run(**kwargs):
+        nonlocal flows
+        flows += 1
+        return _by_stage(smpo(store=str(store), **kwargs))
+
+    log_metrics = Tracker.metrics
+
+    def dies_at_step(self, values, step=0):
+        if "train.loss" in values and step == KILLED_AT:
+            raise Killed(f"killed at train step {step}")
+        log_metrics(self, values, step)
+
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         with prefect_test_harness(server_startup_timeout=120):
-            first = smpo(store=str(store))
-            second = smpo(store=str(store))
-            third = smpo(store=str(store), overrides=["train.beta=3000"])
-            fourth = smpo(stages=["score"], store=str(store), overrides=["score.batch_size=7"])
-            forced = smpo(stages=["evaluate"], store=str(store), force=["evaluate"])
-            # A train stage killed after its last checkpoint: the manifest was never written.
-            train_dir = Path(_by_stage(first)["train"]["path"])
-            unet_before = (train_dir / "unet" / "diffusion_pytorch_model.safetensors").read_bytes()
-            (train_dir / "manifest.json").unlink()
-            resumed = smpo(stages=["train"], store=str(store))
+            first = run()
+            second = run()
+            third = run(overrides=["train.beta=3000"])
+            fourth = run(stages=["score"], overrides=["score.batch_size=7"])
+            forced = run(stages=["evaluate"], force=["evaluate"])
+            # The first run's training again, killed after its step-10 checkpoint, then redone.
+            train_dir = Path(first["train"]["path"])
+            unet = train_dir / "unet" / "diffusion_pytorch_model.safetensors"
+            uninterrupted = {"unet": load_file(unet),
+                             "history": json.loads((train_dir / "history.json").read_text())}
+            mp.setattr(Tracker, "metrics", dies_at_step)
+            with pytest.raises(Killed):
+                run(stages=["train"], force=["train"])
+            mp.setattr(Tracker, "metrics", log_metrics)
+            killed = {"manifest": (train_dir / "manifest.json").exists(),
+                      "weights": unet.exists()}
+            resumed = run(stages=["train"])
             other_rewards = {
-                kind: _by_stage(smpo(stages=["score"], store=str(store), overrides=[
+                kind: run(stages=["score"], overrides=[
                     f"score.reward_model={kind}", f"score.checkpoint=builtin:tiny-{kind}",
-                    f"score.processor=builtin:{processor}"]))
+                    f"score.processor=builtin:{processor}"])
                 for kind, processor in (("hpsv2", "tiny-hpsv2-tokenizer"),
                                         ("imagereward", "tiny-imagereward-bert"))}
-            lora = _by_stage(smpo(store=str(store), overrides=["train.lora_rank=4"]))
-    return {"lora": lora, "other_rewards": other_rewards, "store": store,
-            "first": _by_stage(first),
-            "second": _by_stage(second),
-            "third": _by_stage(third), "fourth": _by_stage(fourth), "forced": _by_stage(forced),
-            "resumed": _by_stage(resumed), "unet_before": unet_before}
+            lora = run(overrides=["train.lora_rank=4"])
+    return {"lora": lora, "other_rewards": other_rewards, "store": store, "first": first,
+            "second": second, "third": third, "fourth": fourth, "forced": forced,
+            "killed": killed, "resumed": resumed, "uninterrupted": uninterrupted,
+            "flows": flows}
 
 
 def _by_stage(rows):
@@ -84,18 +115,45 @@ def test_download_drops_what_cannot_train(runs):
     assert quarantined == expected["corrupt"]
 
 
-def test_score_writes_soft_labels(runs):
+def _clip_cosines(model_dir: Path, images: list[Image.Image], captions: list[str]) -> np.ndarray:
+    """PickScore's reward, computed here with transformers alone: the cosine of the normalised
+    image and text embeddings of a CLIP folder."""
+    from transformers import CLIPModel, CLIPProcessor
+
+    model = CLIPModel.from_pretrained(model_dir).eval()
+    processor = CLIPProcessor.from_pretrained(model_dir)
+    with torch.no_grad():
+        inputs = processor(text=captions, images=images, padding=True, return_tensors="pt")
+        image = model.get_image_features(pixel_values=inputs["pixel_values"]).pooler_output
+        text = model.get_text_features(input_ids=inputs["input_ids"],
+                                       attention_mask=inputs["attention_mask"]).pooler_output
+    return torch.nn.functional.cosine_similarity(image, text).double().numpy()
+
+
+def test_score_writes_soft_labels_of_independently_computed_rewards(runs):
     labels = pq.read_table(Path(runs["first"]["score"]["path"]) / "labels.parquet")
-    assert labels.num_rows == _manifest(runs["first"]["download"])["pairs"]
-    p = labels.column("p").to_numpy()
-    w = labels.column("weight").to_numpy()
-    np.testing.assert_allclose(w, 10.0 * (2 * p - 1), rtol=1e-12)
-    # With bounds fitted on the scored data, |r'_0 - r'_1| <= 1, so |w| <= 10 (2 sigmoid(1) - 1).
-    assert np.abs(w).max() <= 10 * (2 / (1 + np.exp(-1)) - 1) + 1e-9
+    pairs = pq.read_table(sorted(Path(runs["first"]["download"]["path"]).glob("pairs-*.parquet")),
+                          columns=["pair_id", "caption", "jpg_0", "jpg_1"]).to_pylist()
+    assert labels.column("pair_id").to_pylist() == [row["pair_id"] for row in pairs]
+    rewards = {}
+    for side in ("0", "1"):
+        images = [Image.open(io.BytesIO(row[f"jpg_{side}"])).convert("RGB") for row in pairs]
+        rewards[side] = _clip_cosines(runs["store"] / "builtin" / "tiny-clip", images,
+                                      [row["caption"] for row in pairs])
+        np.testing.assert_allclose(labels.column(f"reward_{side}").to_numpy(), rewards[side],
+                                   atol=1e-5)
+    # METHOD.md §2 with bounds fitted on every scored image: min-max normalise, p = sigmoid of
+    # the normalised difference, w = gamma (2p - 1) with gamma = 10.
+    r_min = min(rewards["0"].min(), rewards["1"].min())
+    r_max = max(rewards["0"].max(), rewards["1"].max())
+    p = 1 / (1 + np.exp(-(rewards["0"] - rewards["1"]) / (r_max - r_min)))
+    np.testing.assert_allclose(labels.column("p").to_numpy(), p, atol=1e-4)
+    np.testing.assert_allclose(labels.column("weight").to_numpy(), 10 * (2 * p - 1), atol=1e-3)
     meta = {k.decode(): v.decode() for k, v in labels.schema.metadata.items()}
     assert meta["smpo.reward_model"] == "pickscore"
     assert meta["smpo.bounds"] == "fitted-minmax"
-    assert float(meta["smpo.r_max"]) > float(meta["smpo.r_min"])
+    assert (float(meta["smpo.r_min"]), float(meta["smpo.r_max"])) == pytest.approx(
+        (r_min, r_max), abs=1e-5)
     assert _manifest(runs["first"]["score"])["unique_images"] == 2 * labels.num_rows
 
 
@@ -144,18 +202,28 @@ def test_evaluate_reports_win_rates_grid_and_html(runs):
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["metrics"]) == {"pickscore", "hpsv2", "imagereward", "aesthetic",
                                        "clipscore"}
-    for metric in summary["metrics"].values():
-        assert 0.0 <= metric["win_rate"] <= 1.0
     assert summary["generation"]["steps"] == 10
-    scores = pq.read_table(folder / "scores.parquet")
-    assert scores.num_rows == 8
-    rates = scores.column("pickscore_tuned").to_numpy() > scores.column("pickscore_base").to_numpy()
-    ties = scores.column("pickscore_tuned").to_numpy() == scores.column("pickscore_base").to_numpy()
-    assert summary["metrics"]["pickscore"]["win_rate"] == pytest.approx(
-        rates.mean() + 0.5 * ties.mean())
+    scores = pq.read_table(folder / "scores.parquet").to_pydict()
+    prompts = scores["prompt"]
+    assert len(prompts) == 8
+    # The saved images scored here, independently: PickScore is the raw cosine, CLIP score
+    # 100 max(cosine, 0); the win rate counts the prompts where tuned beats base, ties half.
+    cosine = {}
+    for model in ("base", "tuned"):
+        images = [Image.open(folder / "images" / model / f"{i:04d}.png").convert("RGB")
+                  for i in range(len(prompts))]
+        cosine[model] = _clip_cosines(runs["store"] / "builtin" / "tiny-clip", images, prompts)
+        np.testing.assert_allclose(scores[f"pickscore_{model}"], cosine[model], atol=1e-5)
+        np.testing.assert_allclose(scores[f"clipscore_{model}"],
+                                   100 * np.maximum(cosine[model], 0), atol=1e-3)
+    wins = [1.0 if t > b else 0.5 if t == b else 0.0
+            for t, b in zip(cosine["tuned"], cosine["base"], strict=True)]
+    pickscore = summary["metrics"]["pickscore"]
+    assert pickscore["win_rate"] == pytest.approx(sum(wins) / len(wins))
+    assert pickscore["base_mean"] == pytest.approx(cosine["base"].mean(), abs=1e-5)
+    assert pickscore["tuned_median"] == pytest.approx(np.median(cosine["tuned"]), abs=1e-5)
     with Image.open(folder / "grid.png") as grid:
         assert grid.width > 256 and grid.height > 8 * 64
-    assert len(list((folder / "images" / "base").glob("*.png"))) == 8
     html = (folder / "report.html").read_text()
     assert "win rate" in html and "data:image/png;base64," in html
 
@@ -186,7 +254,7 @@ def test_mlflow_parent_with_nested_stage_runs(runs):
                                  filter_string="tags.`smpo.profile` = 'tiny'",
                                  order_by=["attributes.start_time ASC"])
     parents = [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
-    assert len(parents) == 9
+    assert len(parents) == runs["flows"]
     first, second = parents[0], parents[1]
     assert first.data.tags["prefect.flow_run_id"]
     assert first.data.tags["smpo.code_version"]
@@ -215,11 +283,25 @@ def test_force_recomputes_one_stage_under_the_same_key(runs):
 
 
 def test_killed_train_stage_is_redone_from_its_last_checkpoint(runs):
+    assert runs["killed"] == {"manifest": False, "weights": False}
     train = runs["resumed"]["train"]
-    assert not train["reused"]
-    assert _manifest(train)["resumed_from_step"] == 30
-    unet = Path(train["path"]) / "unet" / "diffusion_pytorch_model.safetensors"
-    assert unet.read_bytes() == runs["unet_before"]
+    assert not train["reused"] and train["key"] == runs["first"]["train"]["key"]
+    assert _manifest(train)["resumed_from_step"] == 10  # the last checkpoint before the kill
+    # Steps 11 to 30 were trained again, exactly as the uninterrupted run trained them.
+    history = json.loads((Path(train["path"]) / "history.json").read_text())
+    assert [h["step"] for h in history] == list(range(1, 31))
+    assert [h["loss"] for h in history] == [h["loss"] for h in runs["uninterrupted"]["history"]]
+    weights = load_file(Path(train["path"]) / "unet" / "diffusion_pytorch_model.safetensors")
+    before = runs["uninterrupted"]["unet"]
+    assert weights.keys() == before.keys()
+    assert all(torch.equal(weights[k], before[k]) for k in weights)
+    client = MlflowClient(f"sqlite:///{runs['store'] / 'mlflow.db'}")
+    [run] = client.search_runs([client.get_experiment_by_name("smpo").experiment_id],
+                               f"tags.`smpo.key` = '{train['key']}' and "
+                               f"attributes.status = 'FINISHED' and tags.`smpo.reused` = 'false'",
+                               order_by=["attributes.start_time DESC"], max_results=1)
+    logged = client.get_metric_history(run.info.run_id, "train.loss")
+    assert sorted(m.step for m in logged) == list(range(11, 31))
 
 
 @pytest.mark.parametrize("kind", ["hpsv2", "imagereward"])

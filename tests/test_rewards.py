@@ -91,8 +91,12 @@ def test_port_scores_batches_deterministically(kind: str, models: dict[str, Path
     assert model.version.startswith(checkpoint_hash(str(models[kind])))  # aesthetic: + CLIP's
 
 
-def test_kinds_are_registered() -> None:
-    assert {"pickscore", "clipscore", "hpsv2", "imagereward", "aesthetic"} <= set(REWARD_MODELS)
+def test_the_tiny_profile_evaluates_every_registered_kind() -> None:
+    """A reward model added to REWARD_MODELS without a tiny checkpoint would go untested by
+    the offline pipeline runs."""
+    from smpo_core.settings import load_settings
+
+    assert set(load_settings("tiny").evaluate.metrics) == set(REWARD_MODELS)
 
 
 def test_hpsv2_conversion_is_cached_by_checkpoint_hash(models: dict[str, Path],

@@ -1,10 +1,24 @@
 from __future__ import annotations
 
-import pytest
+import typing
+from pathlib import Path
 
+import pytest
+import yaml
+
+from smpo_core.environment import Environment, environment
 from smpo_core.errors import SmpoError
-from smpo_core.settings import load_settings, setting_keys
+from smpo_core.settings import (
+    STAGES,
+    is_result_setting,
+    load_settings,
+    read_profile,
+    section_names,
+    settings_model,
+)
 from smpo_core.store import Store, read_manifest, stage_key, write_json
+
+CONFIGS = Path(__file__).resolve().parents[1] / "configs"
 
 
 def test_profiles_load_and_differ_where_the_paper_says():
@@ -23,12 +37,100 @@ def test_overrides_are_typed_and_validated():
         load_settings("tiny", ["train.max_steps=0"])
 
 
-def test_runtime_settings_stay_out_of_the_key():
+@pytest.mark.parametrize("profile", ["tiny", "sd15"])
+def test_a_nested_override_changes_one_entry_of_a_mapping(profile):
+    before = load_settings(profile).evaluate.metrics
+    after = load_settings(profile, ["evaluate.metrics.hpsv2=/models/HPS_v2.1.pt",
+                                    "evaluate.metric_processors.clipscore=/models/clip"])
+    assert after.evaluate.metrics == before | {"hpsv2": "/models/HPS_v2.1.pt"}
+    assert after.evaluate.metric_processors["clipscore"] == "/models/clip"
+    with pytest.raises(SmpoError, match=r"override 'evaluate\.metrics\.hpsv2=\[1\]': "
+                                        r"setting evaluate\.metrics\.hpsv2: Input should be a "
+                                        r"valid string"):
+        load_settings(profile, ["evaluate.metrics.hpsv2=[1]"])
+    with pytest.raises(SmpoError, match=r"train\.beta is not a mapping"):
+        load_settings(profile, ["train.beta.x=1"])
+
+
+def _other_value(value: typing.Any, annotation: typing.Any) -> typing.Any:
+    """A valid value of the field's type that differs from `value`."""
+    if typing.get_origin(annotation) is typing.Literal:
+        return next(option for option in typing.get_args(annotation) if option != value)
+    if isinstance(value, bool):
+        return not value
+    if isinstance(value, float):
+        return value / 2
+    if isinstance(value, int):
+        return value + 1
+    if isinstance(value, dict):
+        return value | {"other": "x"}
+    if value is None:
+        return 3 if int in typing.get_args(annotation) else "x"
+    return f"{value}-other"
+
+
+def test_result_settings_change_their_stage_keys_and_runtime_settings_do_not():
+    """Every setting, through the key the store files a stage's output under."""
+    from stages.common import stage_key_for
+
     settings = load_settings("tiny")
-    kept = settings.score.result_settings()
-    assert "batch_size" not in kept and "device" not in kept
-    assert "gamma" in kept
-    assert {"train.beta", "invert.renoise_steps", "download.source"} <= set(setting_keys())
+    keys = {stage: stage_key_for(settings, stage, {}) for stage in STAGES}
+    for section in section_names():
+        values = settings.section(section)
+        for name, field in type(values).model_fields.items():
+            changed = settings.model_copy(update={section: values.model_copy(
+                update={name: _other_value(getattr(values, name), field.annotation)})})
+            for stage in STAGES:
+                moved = stage_key_for(changed, stage, {}) != keys[stage]
+                reads = section in (stage, *STAGES[stage].shares)
+                assert moved == (reads and is_result_setting(field)), (
+                    f"{section}.{name} {'moves' if moved else 'keeps'} the {stage} key")
+
+
+def test_every_setting_and_environment_variable_is_described():
+    model = settings_model()
+    for section in section_names():
+        assert model.model_fields[section].description, section
+        for name, field in model.model_fields[section].annotation.model_fields.items():
+            assert field.description and len(field.description) > 10, f"{section}.{name}"
+    for name, field in Environment.model_fields.items():
+        assert field.description, name
+
+
+@pytest.mark.parametrize("profile", sorted(p.stem for p in CONFIGS.glob("*.yaml")))
+def test_profiles_state_only_what_differs_from_the_defaults(profile):
+    defaults, settings = settings_model()(), load_settings(profile)
+    for section, values in read_profile(profile).items():
+        for name in values:
+            default = getattr(defaults.section(section), name)
+            assert getattr(settings.section(section), name) != default, (
+                f"configs/{profile}.yaml repeats the default {section}.{name}={default!r}")
+
+
+def test_the_defaults_are_one_run_the_paper_describes():
+    """SD1.5 with the paper's data, reward model and evaluation prompts, not a real model
+    mixed with the tiny world's data."""
+    defaults = settings_model()()
+    refs = [defaults.model.base, defaults.download.source, defaults.score.checkpoint,
+            defaults.evaluate.prompts, *defaults.evaluate.metrics.values()]
+    assert not [ref for ref in refs if ref.startswith("builtin:")]
+    assert defaults.evaluate.prompts == "yuvalkirstain/pickapic_v2@test_unique"
+
+
+def test_environment_variables_are_read_in_one_place(tmp_path, monkeypatch):
+    (tmp_path / "mine.yaml").write_text(yaml.safe_dump({"train": {"beta": 7.0}}))
+    monkeypatch.setenv("SMPO_CONFIGS", str(tmp_path))
+    monkeypatch.setenv("SMPO_STORE", str(tmp_path / "elsewhere"))
+    monkeypatch.setenv("SMPO_EXPERIMENT", "")  # empty: the default
+    assert load_settings("mine").train.beta == 7.0
+    with pytest.raises(SmpoError, match=r"profile 'tiny': no such profile; expected one of mine"):
+        load_settings("tiny")
+    assert environment().store == tmp_path / "elsewhere"
+    assert environment().experiment == "smpo"
+    monkeypatch.setenv("SMPO_MLFLOW_PORT", "80000")
+    with pytest.raises(SmpoError, match=r"SMPO_MLFLOW_PORT='80000': Input should be less than "
+                                        r"65536 \(`make serve`: the MLflow server's port"):
+        environment()
 
 
 def test_profile_from_a_yaml_path(tmp_path):

@@ -13,6 +13,7 @@ from safetensors.torch import load_file
 
 from smpo_core.errors import SmpoError
 from smpo_core.settings import load_settings
+from smpo_core.store import Store
 
 pytestmark = pytest.mark.integration
 
@@ -29,42 +30,43 @@ def _weights(result) -> dict[str, torch.Tensor]:
 def trained(tmp_path_factory):
     """Two processes with grad_accum 1, one process with grad_accum 2, the base UNet, and the
     two-process stage redone after it was killed past its checkpoint."""
-    from flows.pipeline import prepare
-    from stages.common import RunContext
-    from stages.download import download_stage
-    from stages.invert import invert_stage
-    from stages.score import score_stage
-    from stages.train import train_stage
+    from mlflow.tracking import MlflowClient
 
-    store = tmp_path_factory.mktemp("store")
+    from stages.common import RunContext, stage_task
+    from stages.tracking import experiment_id
+
+    store = tmp_path_factory.mktemp("store").resolve()
+    uri = Store(store).tracking_uri
+    experiment = experiment_id(MlflowClient(uri), uri, store)
+    download, invert, score, train = (stage_task(name).fn
+                                      for name in ("download", "invert", "score", "train"))
 
     def context(*overrides: str) -> RunContext:
-        settings = load_settings("tiny", [*SMALL, *overrides])
-        uri, experiment, _ = prepare(settings, str(store))
-        return RunContext(settings, str(store.resolve()), uri, experiment)
+        return RunContext(load_settings("tiny", [*SMALL, *overrides]), str(store), uri,
+                          experiment)
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         ctx = context()
-        download = download_stage.fn(ctx)
-        inputs = {"invert": invert_stage.fn(ctx, download), "score": score_stage.fn(ctx, download)}
-        two = train_stage.fn(context("train.num_processes=2"), **inputs)
+        pairs = {"download": download(ctx)}
+        inputs = {"invert": invert(ctx, pairs), "score": score(ctx, pairs)}
+        two = train(context("train.num_processes=2"), inputs)
         # One thread, as torch.distributed.run gives each of its processes: CPU kernels sum
         # in another order with more threads, and Adam turns that 1e-7 gradient noise into
         # weight differences up to 2e-5 where a gradient is nearly 0.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
         try:
-            one = train_stage.fn(context("train.grad_accum=2"), **inputs)
+            one = train(context("train.grad_accum=2"), inputs)
         finally:
             torch.set_num_threads(threads)
         two_weights = _weights(two)
         (Path(two.path) / "manifest.json").unlink()
-        resumed = train_stage.fn(context("train.num_processes=2"), **inputs)
+        resumed = train(context("train.num_processes=2"), inputs)
         empty = tmp_path_factory.mktemp("not-a-cache")
         broken = dataclasses.replace(inputs["invert"], key="0" * 16, path=str(empty))
         with pytest.raises(SmpoError) as failed:
-            train_stage.fn(context("train.num_processes=2"), invert=broken, score=inputs["score"])
+            train(context("train.num_processes=2"), {"invert": broken, "score": inputs["score"]})
     base = load_file(store / "builtin" / "tiny-sd" / "unet" / "diffusion_pytorch_model.safetensors")
     return {"two": two, "one": one, "two_weights": two_weights, "resumed": resumed,
             "base": base, "store": store, "failed": str(failed.value), "empty": empty}

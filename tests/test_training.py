@@ -3,13 +3,16 @@
 from __future__ import annotations
 
 import copy
+import dataclasses
 import math
+from types import SimpleNamespace
 
 import pytest
 import torch
 from accelerate import Accelerator
+from diffusers import DDIMScheduler
 
-from smpo_core.inversion import implied_noise, inversion_levels
+from smpo_core.inversion import inversion_levels
 from smpo_core.models import load_diffusion
 from smpo_core.training import (
     LoopConfig,
@@ -62,18 +65,6 @@ def _perturbed(unet, scale=1e-3, seed=0):
     return other
 
 
-def test_level_sampling_places_pairs_on_their_cached_latents(tiny):
-    model, batch = tiny
-    generator = torch.Generator().manual_seed(0)
-    k, t = sample_timesteps(LEVELS, 8, "level", generator)
-    z_t, target = place_on_trajectory(batch, k, t, model.alphas_cumprod, "inversion", LEVELS,
-                                      generator)
-    rows = torch.arange(8)
-    torch.testing.assert_close(z_t, batch.z[rows, :, k], atol=1e-5, rtol=1e-5)
-    abar = model.alphas_cumprod[t].view(-1, 1, 1, 1, 1)
-    torch.testing.assert_close(target, implied_noise(batch.z[rows, :, k], batch.z0, abar))
-
-
 def test_uniform_sampling_stays_in_the_interval_below_each_level():
     generator = torch.Generator().manual_seed(0)
     k, t = sample_timesteps(LEVELS, 4000, "uniform", generator)
@@ -108,19 +99,129 @@ def test_cached_and_online_trajectories_give_the_same_first_loss(tiny):
     assert abs(losses["cache"] - math.log(2)) > 1e-3  # the reference differs: a real value
 
 
-def test_every_ablation_row_gives_a_finite_loss(tiny):
-    model, batch = tiny
-    policy, reference = copy.deepcopy(model.unet).requires_grad_(True), _perturbed(model.unet)
+SD15_ALPHAS = DDIMScheduler(beta_start=0.00085, beta_end=0.012,
+                            beta_schedule="scaled_linear").alphas_cumprod
+
+
+@pytest.fixture(scope="module")
+def known():
+    """4 pairs whose cached latents are built from noise drawn here: at level k,
+    z_k = sqrt(abar_k) z0 + sqrt(1 - abar_k) tau_k, so the right target tau_k is known without
+    inverting anything."""
+    generator = torch.Generator().manual_seed(11)
+    z0 = torch.randn(4, 2, 4, 2, 2, generator=generator)
+    tau = torch.randn(4, 2, len(LEVELS), 4, 2, 2, generator=generator)
+    abar = SD15_ALPHAS[LEVELS].view(1, 1, -1, 1, 1, 1)
+    z = abar.sqrt() * z0[:, :, None] + (1 - abar).sqrt() * tau
+    weight = torch.tensor([2.0, -1.5, 0.5, 3.0])
+    batch = PairBatch(z0, z, torch.zeros(4, 1, 1), weight, torch.tensor([0, 1, 0, 0]))
+    return batch, tau
+
+
+def test_level_sampling_places_pairs_on_their_cached_latents(known):
+    batch, tau = known
+    generator = torch.Generator().manual_seed(0)
+    k, t = sample_timesteps(LEVELS, 4, "level", generator)
+    assert [LEVELS[i] for i in k.tolist()] == t.tolist()
+    z_t, target = place_on_trajectory(batch, k, t, SD15_ALPHAS, "inversion", LEVELS, generator)
+    rows = torch.arange(4)
+    torch.testing.assert_close(z_t, batch.z[rows, :, k])
+    torch.testing.assert_close(target, tau[rows, :, k], atol=1e-5, rtol=1e-5)
+
+
+def test_uniform_sampling_moves_pairs_along_their_level_path(known):
+    batch, tau = known
+    generator = torch.Generator().manual_seed(1)
+    k, t = sample_timesteps(LEVELS, 4, "uniform", generator)
+    z_t, target = place_on_trajectory(batch, k, t, SD15_ALPHAS, "inversion", LEVELS, generator)
+    rows = torch.arange(4)
+    abar_t, level_noise = SD15_ALPHAS[t].view(4, 1, 1, 1, 1), tau[rows, :, k]
+    torch.testing.assert_close(target, level_noise, atol=1e-5, rtol=1e-5)
+    torch.testing.assert_close(z_t, abar_t.sqrt() * batch.z0 + (1 - abar_t).sqrt() * level_noise,
+                               atol=1e-5, rtol=1e-5)
+
+
+class LinearNoisePredictor(torch.nn.Module):
+    """A stand-in UNet whose every prediction is known, eps(z, t) = scale * z, recording the
+    latents and timesteps it is asked about."""
+
+    def __init__(self, scale: float):
+        super().__init__()
+        self.scale = torch.nn.Parameter(torch.tensor(scale))
+        self.config = SimpleNamespace(addition_embed_type=None)
+        self.seen: list[tuple[torch.Tensor, torch.Tensor]] = []
+
+    dtype = torch.float32
+    device = torch.device("cpu")
+
+    def forward(self, sample, timestep, **condition):
+        self.seen.append((sample.detach().clone(), timestep.clone()))
+        return SimpleNamespace(sample=self.scale * sample)
+
+
+def _level_of(t: int, uniform: bool) -> int:
+    """The inversion level a timestep is drawn from: its own, or the one just above it."""
+    return next(i for i, level in enumerate(LEVELS) if (t <= level if uniform else t == level))
+
+
+def _expected_loss(cfg: StepConfig, batch: PairBatch, tau: torch.Tensor,
+                   policy: LinearNoisePredictor, reference: LinearNoisePredictor) -> float:
+    """METHOD.md §4 on the latents and timesteps the two models were shown, with targets
+    known from how the batch was built."""
+    seen, t = policy.seen[-1]
+    t = t.view(-1, 2)[:, 0]
+    z_t = seen.view(batch.z0.shape)
+    rows = torch.arange(len(t))
+    abar = SD15_ALPHAS[t].view(-1, 1, 1, 1, 1)
+    z0 = batch.z0
+    if cfg.method == "sft":  # the policy is shown the human winner only, in both slots
+        z0 = z0[rows, batch.winner][:, None].expand_as(z0)
+        tau = tau[rows, batch.winner][:, None].expand_as(tau)
+    if cfg.trajectory == "forward":
+        # Diffusion-DPO: one noise draw per pair, the same for both images; it is the target.
+        target = (z_t - abar.sqrt() * z0) / (1 - abar).sqrt()
+        torch.testing.assert_close(target[:, 0], target[:, 1], atol=1e-4, rtol=1e-4)
+    else:
+        k = [_level_of(int(step), cfg.timestep_sampling == "uniform") for step in t]
+        target = tau[rows, :, k]
+        torch.testing.assert_close(z_t, abar.sqrt() * z0 + (1 - abar).sqrt() * target,
+                                   atol=1e-5, rtol=1e-5)
+    error = {name: (float(model.scale.detach()) * z_t - target).pow(2).flatten(2).mean(2)
+             for name, model in (("policy", policy), ("reference", reference))}
+    if cfg.method == "sft":
+        assert not reference.seen
+        return float(error["policy"][:, 0].mean())
+    ref_seen, ref_t = reference.seen[-1]
+    assert torch.equal(ref_seen, seen) and torch.equal(ref_t.view(-1, 2)[:, 0], t)
+    m, r = error["policy"], error["reference"]
+    d = (m[:, 0] - r[:, 0]) - (m[:, 1] - r[:, 1])
+    return float(-torch.nn.functional.logsigmoid(-0.5 * cfg.beta * batch.weight * d).mean())
+
+
+def test_every_ablation_row_computes_the_loss_it_names(known):
+    """Smoothed or human labels, inversion or forward trajectories, level or uniform
+    timesteps, and SFT: each loss equals the formula on the inputs that row must use."""
+    batch, tau = known
     human = _copy(batch, weight=torch.where(batch.winner == 0, 1.0, -1.0))
-    for cfg, pairs in [(_cfg(), batch), (_cfg(trajectory="forward"), batch),
-                       (_cfg(), human), (_cfg(trajectory="forward"), human),
-                       (_cfg(timestep_sampling="uniform"), batch),
-                       (_cfg(method="sft"), batch)]:
-        loss, metrics = smpo_loss(policy, reference, pairs, model.alphas_cumprod, cfg,
-                                  torch.Generator().manual_seed(1))
-        assert math.isfinite(loss.item()) and loss.item() > 0
+    rows = {"smpo": (_cfg(), batch), "smoothed + forward": (_cfg(trajectory="forward"), batch),
+            "human + inversion": (_cfg(), human),
+            "diffusion-dpo": (_cfg(trajectory="forward"), human),
+            "smpo, uniform t": (_cfg(timestep_sampling="uniform"), batch),
+            "sft": (_cfg(method="sft"), batch)}
+    losses = {}
+    for name, (cfg, pairs) in rows.items():
+        cfg = dataclasses.replace(cfg, beta=5.0)
+        policy, reference = LinearNoisePredictor(0.9), LinearNoisePredictor(1.1)
+        loss, metrics = smpo_loss(policy, reference, _copy(pairs), SD15_ALPHAS, cfg,
+                                  torch.Generator().manual_seed(2))
+        assert loss.item() == pytest.approx(_expected_loss(cfg, pairs, tau, policy, reference),
+                                            rel=1e-5), name
+        assert metrics["loss"] == pytest.approx(loss.item())
         loss.backward()
-        assert "model_mse" in metrics
+        assert policy.scale.grad is not None and policy.scale.grad != 0, name
+        assert reference.scale.grad is None, name  # the reference is frozen
+        losses[name] = loss.item()
+    assert len({round(v, 6) for v in losses.values()}) == len(rows)
 
 
 def _held_out_loss(policy, reference, model, batch) -> tuple[float, float]:
