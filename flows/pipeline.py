@@ -1,8 +1,5 @@
 """The DAG: one Prefect flow named `smpo`; its parameters say which stages to run.
 
-    download ──► score ──────────────┐
-        └──────► invert ──► train ◄──┘ ──► evaluate
-
 The graph is the stage registry (smpo_core.settings.STAGES). A requested stage brings its
 upstream stages with it; they are reused when their outputs exist, so `smpo run train
 evaluate` recomputes only what changed.
