@@ -349,13 +349,9 @@ def settings_model() -> type[Settings]:
 
 
 def section_names() -> list[str]:
+    """`model` and the stages' sections, in order."""
     return [name for name, field in settings_model().model_fields.items()
-            if _section_class(field.annotation)]
-
-
-def _section_class(annotation: Any) -> type[Section] | None:
-    return annotation if isinstance(annotation, type) and issubclass(annotation, Section) \
-        else None
+            if isinstance(field.annotation, type) and issubclass(field.annotation, Section)]
 
 
 def setting_keys() -> list[str]:
@@ -409,6 +405,9 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if len(path) > 2 and not _is_mapping(path[0], path[1]):
         raise SmpoError(f"override {text!r}: {path[0]}.{path[1]} is not a mapping, so it has "
                         f"no key {'.'.join(path[2:])!r}")
+    if len(path) > 3:
+        raise SmpoError(f"override {text!r}: expected SECTION.KEY.NAME=VALUE for one entry of "
+                        f"the mapping {path[0]}.{path[1]}")
     try:
         value = yaml.safe_load(raw) if raw else None
     except yaml.YAMLError as exc:
@@ -425,24 +424,19 @@ def _is_mapping(section: str, key: str) -> bool:
 
 
 def apply_override(data: dict[str, Any], path: list[str], value: Any) -> None:
-    """Set `section.key[.inner...]` in profile data; an inner key changes one entry of the
-    mapping the profile (or else the default) holds, leaving its other entries."""
-    section, key, *inner = path
+    """Set `section.key` in profile data; `section.key.name` changes one entry of the mapping
+    the profile (or else the default) holds and keeps its other entries."""
+    section, key, *name = path
     values = data.setdefault(section, {})
     if not isinstance(values, dict):
         raise SmpoError(f"profile section {section!r}: expected a mapping of settings, got "
                         f"{values!r}")
-    if not inner:
-        values[key] = value
-        return
-    current = values.get(key)
-    if current is None:
-        current = _field(section, key).get_default(call_default_factory=True)
-    mapping = node = dict(current)
-    for part in inner[:-1]:
-        node[part] = node = dict(node.get(part) or {})
-    node[inner[-1]] = value
-    values[key] = mapping
+    if name:
+        current = values.get(key)
+        if current is None:
+            current = _field(section, key).get_default(call_default_factory=True)
+        value = {**current, name[0]: value}
+    values[key] = value
 
 
 def load_settings(profile: str = "tiny", overrides: Sequence[str] = ()) -> Settings:
