@@ -327,6 +327,7 @@ def _killed_stage(store: Path, source: Path, shard_rows: int, tracking_uri: str,
                           stderr=subprocess.DEVNULL, env=env, timeout=600).returncode
 
 
+@pytest.mark.integration
 def test_killed_stage_resumes_to_exactly_the_clean_result(tmp_path: Path,
                                                           tracking_uri: str) -> None:
     source = tmp_path / "source"

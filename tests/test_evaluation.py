@@ -42,6 +42,7 @@ def test_bad_prompt_sets_say_what_was_expected(tmp_path):
         load_prompts(str(table), 3)
 
 
+@pytest.mark.integration
 def test_generation_keeps_each_image_and_resumes_without_redrawing(tmp_path):
     import torch
 

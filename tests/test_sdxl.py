@@ -15,6 +15,7 @@ from smpo_core.trajectories import TrajectoryCache, build_cache, invert_pair_bat
 from smpo_core.worlds.tiny import build_tiny_sdxl, trainable_pairs
 
 LEVELS = inversion_levels(3)
+pytestmark = pytest.mark.integration
 
 
 @pytest.fixture(scope="module")

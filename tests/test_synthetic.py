@@ -192,6 +192,7 @@ def test_tokenizer_makes_caption_words_single_tokens_and_round_trips(tmp_path: P
     assert len(build_clip_tokenizer(["zebra"])("a zebra").input_ids) == 4
 
 
+@pytest.mark.integration
 def test_tiny_diffusion_round_trip_is_deterministic(tmp_path: Path) -> None:
     import torch
     from diffusers import StableDiffusionPipeline

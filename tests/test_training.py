@@ -75,6 +75,7 @@ def test_uniform_sampling_stays_in_the_interval_below_each_level():
     assert len(set(t.tolist())) > 900  # covers the whole range, not just the grid
 
 
+@pytest.mark.integration
 def test_forward_trajectory_shares_one_noise_draw_per_pair(tiny):
     model, batch = tiny
     generator = torch.Generator().manual_seed(0)
@@ -85,6 +86,7 @@ def test_forward_trajectory_shares_one_noise_draw_per_pair(tiny):
     assert abs(noise.std().item() - 1) < 0.1
 
 
+@pytest.mark.integration
 def test_cached_and_online_trajectories_give_the_same_first_loss(tiny):
     model, batch = tiny
     policy = copy.deepcopy(model.unet)
@@ -238,6 +240,7 @@ def _held_out_loss(policy, reference, model, batch) -> tuple[float, float]:
     return sum(losses) / len(losses), sum(accuracies) / len(accuracies)
 
 
+@pytest.mark.integration
 def test_a_few_smpo_steps_lower_the_loss_and_raise_implicit_accuracy(tiny):
     model, batch = tiny
     policy = copy.deepcopy(model.unet).train().requires_grad_(True)
