@@ -25,6 +25,7 @@ from smpo_core.store import default_store
 from stages import tracking
 from stages.common import RunContext, StageResult
 from stages.download import download_stage
+from stages.evaluate import check_inputs as check_evaluate_inputs
 from stages.evaluate import evaluate_stage
 from stages.invert import invert_stage
 from stages.score import score_stage
@@ -86,6 +87,7 @@ def preflight(settings: Settings, store: str, plan: list[str]) -> None:
         paths |= {"score.checkpoint": settings.score.checkpoint,
                   "score.processor": settings.score.processor}
     if "evaluate" in plan:
+        check_evaluate_inputs(settings)
         paths |= {f"evaluate.metrics.{k}": v for k, v in settings.evaluate.metrics.items()}
         paths |= {f"evaluate.metric_processors.{k}": v
                   for k, v in settings.evaluate.metric_processors.items()}

@@ -371,6 +371,7 @@ Run the pipeline on it:
   export PREFECT_API_URL={cfg.prefect_url}/api
   {prefect} deployment run smpo/full --watch
   {prefect} deployment run smpo/train -p 'overrides=["train.beta=5000"]' --watch
+  {prefect} deployment run smpo-compare/compare -p 'models=["base", "train:latest"]' --watch
 Stop it all:  make stop""")
 
 

@@ -151,13 +151,22 @@ class TrainSettings(Section):
 
 class EvaluateSettings(Section):
     prompts: str = Field(
-        "builtin:tiny", description="Prompt set: builtin:tiny, a .txt file (one per line), "
-        "or a Parquet file / folder with a caption column.",
+        "builtin:tiny", description="Prompt set: pickapic-test-unique | partiprompts | "
+        "hpdv2-test (from the hub, or NAME:PATH for a local copy in the published format), "
+        "builtin:tiny, a .txt/.tsv/.csv/.json/Parquet file or folder, or <hub id>@<split>.",
     )
-    num_prompts: int = Field(500, gt=0)
-    seed: int = Field(0, description="Image i uses generator seed seed + i, for both models.")
-    num_inference_steps: int = Field(50, gt=0)
-    guidance_scale: float = Field(7.5, ge=0)
+    num_prompts: int | None = Field(
+        None, gt=0, description="Evaluate the first N prompts (a styled set: the first of each "
+        "style in turn); None: the whole set, as the papers do.",
+    )
+    images_per_prompt: int = Field(
+        1, gt=0, le=1000, description="Images drawn per prompt and model (paired by seed).")
+    seed: int = Field(
+        0, description="Image j of prompt i (its index in the set) is drawn from generator "
+        "seed seed + 1000 i + j, for every model.",
+    )
+    num_inference_steps: int = Field(50, gt=0, description="DDIM sampling steps.")
+    guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
     metrics: dict[str, str] = Field(
         default_factory=lambda: {
             "pickscore": "yuvalkirstain/PickScore_v1",
@@ -166,7 +175,8 @@ class EvaluateSettings(Section):
             "aesthetic": "sac+logos+ava1-l14-linearMSE.pth",
             "clipscore": "openai/clip-vit-large-patch14",
         },
-        description="Metric kind -> checkpoint (hub id, local folder or file).",
+        description="Metric kind -> checkpoint (hub id, local folder or file); each reported "
+        "on its published scale.",
     )
     metric_processors: dict[str, str] = Field(
         default_factory=lambda: {
@@ -176,7 +186,14 @@ class EvaluateSettings(Section):
         },
         description="Metric kind -> processor, where it differs from the checkpoint.",
     )
-    batch_size: int = _runtime(4, "Prompts per generation batch.")
+    bootstrap_resamples: int = Field(
+        2000, gt=0, description="Bootstrap resamples (over prompts) for the 95% intervals.")
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling.")
+    batch_size: Annotated[int, Field(gt=0)] = _runtime(4, "Images per generation batch.")
+    metric_batch_size: Annotated[int, Field(gt=0)] = _runtime(
+        32, "Images per metric-model forward.")
+    chunk_prompts: Annotated[int, Field(gt=0)] = _runtime(
+        64, "Prompts per chunk: scores are kept chunk by chunk (the unit of resumption).")
 
 
 class Settings(BaseModel):

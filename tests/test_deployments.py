@@ -4,6 +4,7 @@ worker, runs tracked on the MLflow server; and the failures they must be able to
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import socket
 import subprocess
@@ -31,6 +32,7 @@ from tests.conftest import (
 )
 
 DEPLOYMENTS = ("full", "download", "score", "invert", "train", "evaluate")
+COMPARE = "compare"  # smpo-compare/compare: flows/compare.py
 
 
 def _deployments() -> list[dict]:
@@ -40,8 +42,8 @@ def _deployments() -> list[dict]:
 def test_prefect_yaml_presets_are_valid_runs_of_the_smpo_flow():
     parameters = set(inspect.signature(smpo.fn).parameters)
     assert smpo.name == "smpo"  # so the addresses are smpo/full, smpo/train, ...
-    assert tuple(d["name"] for d in _deployments()) == DEPLOYMENTS
-    for deployment in _deployments():
+    assert tuple(d["name"] for d in _deployments()) == (*DEPLOYMENTS, COMPARE)
+    for deployment in _deployments()[:-1]:
         preset = deployment["parameters"]
         assert deployment["entrypoint"] == "flows/pipeline.py:smpo"
         assert deployment["work_pool"]["name"] == DEFAULT_POOL
@@ -55,11 +57,22 @@ def test_prefect_yaml_presets_are_valid_runs_of_the_smpo_flow():
             assert deployment["name"] in with_upstream(preset["stages"])
 
 
+def test_the_compare_deployment_is_a_run_of_the_compare_flow():
+    from flows.compare import compare
+
+    deployment = _deployments()[-1]
+    assert compare.name == "smpo-compare"  # so the address is smpo-compare/compare
+    assert deployment["entrypoint"] == "flows/compare.py:compare"
+    assert set(deployment["parameters"]) == set(inspect.signature(compare.fn).parameters)
+    assert deployment["parameters"]["models"] == ["base", "tuned=train:latest"]
+    load_settings(deployment["parameters"]["profile"], deployment["parameters"]["overrides"])
+
+
 def test_another_work_pool_goes_into_a_copy_of_prefect_yaml(tmp_path):
     cfg = Config(tmp_path, 4200, 5000, "gpu-pool")
     cfg.run_dir.mkdir()
     copy = yaml.safe_load(deployments_file(cfg).read_text())["deployments"]
-    assert [d["work_pool"]["name"] for d in copy] == ["gpu-pool"] * len(DEPLOYMENTS)
+    assert [d["work_pool"]["name"] for d in copy] == ["gpu-pool"] * (len(DEPLOYMENTS) + 1)
     for original, changed in zip(_deployments(), copy, strict=True):
         assert {k: v for k, v in changed.items() if k != "work_pool"} == \
                {k: v for k, v in original.items() if k != "work_pool"}
@@ -84,7 +97,7 @@ def test_serve_twice_starts_nothing_new_and_registers_every_deployment(served: S
     assert served.pids_after_second_serve == served.pids
     assert served.second_serve_output.count("already running") == len(SERVICES)
     deployments = served.prefect_api("/deployments/filter", {})
-    assert sorted(d["name"] for d in deployments) == sorted(DEPLOYMENTS)
+    assert sorted(d["name"] for d in deployments) == sorted((*DEPLOYMENTS, COMPARE))
     assert {d["work_pool_name"] for d in deployments} == {DEFAULT_POOL}
     assert served.prefect_api(f"/work_pools/{DEFAULT_POOL}")["type"] == "process"
     assert urllib.request.urlopen(f"{served.mlflow_url}/health").read() == b"OK"
@@ -129,6 +142,34 @@ def test_full_deployment_runs_every_stage_tracked_on_the_servers(served: Served,
 
 
 @pytest.mark.integration
+def test_compare_deployment_reuses_the_images_the_evaluate_stage_drew(served: Served, full_run):
+    run = served.run_deployment(COMPARE, FAST, flow="smpo-compare",
+                                models=["base", "tuned=train:latest"])
+    assert run.returncode == 0, run.output[-3000:]
+    comparison, _ = served.mlflow_runs(run.flow_run_id)
+    assert tags(comparison)["smpo.kind"] == "comparison"
+    assert comparison["info"]["status"] == "FINISHED"
+    summary = json.loads((Path(tags(comparison)["smpo.output"]) / "summary.json").read_text())
+    evaluated = json.loads((Path(tags(full_run.stages["evaluate"])["smpo.output"]) /
+                            "summary.json").read_text())
+    # Same models, prompts and seeds as the evaluate stage of smpo/full: nothing drawn again.
+    assert {m: s["id"] for m, s in summary["models"].items()} == \
+        {m: s["id"] for m, s in evaluated["models"].items()}
+    assert summary["generation"]["drawn"] == {"base": 0, "tuned": 0}
+    assert summary["generation"]["reused"] == {"base": 4, "tuned": 4}
+    metrics = {m["key"]: m["value"] for m in comparison["data"]["metrics"]}
+    paired = summary["metrics"]["pickscore"]["groups"]["all"]["vs_reference"]["tuned"]
+    assert metrics["pickscore.tuned.win_rate"] == pytest.approx(paired["win_rate"])
+    listed = {f["path"] for f in served.mlflow_api(
+        f"/artifacts/list?run_id={comparison['info']['run_id']}")["files"]}
+    assert {"report.html", "table.csv", "grid.png"} <= listed
+    artifacts = served.prefect_api("/artifacts/filter", {
+        "artifacts": {"flow_run_id": {"any_": [run.flow_run_id]}}})
+    table = next(a for a in artifacts if a["key"] == "comparison")
+    assert "| pickscore | tuned |" in table["data"]
+
+
+@pytest.mark.integration
 def test_runs_logged_straight_into_the_store_are_served_too(served: Served, tmp_path):
     """`smpo run` without a server writes the store's SQLite database and a file:// artifact
     folder; the MLflow server of `make serve` shows those runs and their artifacts."""
@@ -159,8 +200,10 @@ def failed_runs(served: Served, full_run) -> dict[str, DeploymentRun]:
         # A learning rate that passes validation but makes training diverge at run time.
         "diverging_train": served.run_deployment(
             "train", [*FAST, "train.beta=3000", "train.learning_rate=1e30"], watch=False),
-        "missing_prompts": served.run_deployment(
-            "evaluate", [*FAST, "evaluate.prompts=/nonexistent/prompts.txt"], watch=False),
+        # A metric checkpoint that exists but is no model: found when the metric loads.
+        "bad_metric": served.run_deployment(
+            "evaluate", [*FAST, f"evaluate.metrics={{pickscore: {REPO / 'README.md'}}}"],
+            watch=False),
         "missing_source": served.run_deployment(
             "download", ["download.source=/nonexistent/pickapic"], watch=False),
     }
@@ -180,13 +223,15 @@ def _error_lines(served: Served, run: DeploymentRun, text: str) -> list[str]:
 
 @pytest.mark.integration
 def test_a_stage_error_is_one_readable_line_in_the_prefect_logs(served, failed_runs):
-    run = failed_runs["missing_prompts"]
+    run = failed_runs["bad_metric"]
     assert run.state == "FAILED"
-    lines = _error_lines(served, run, "evaluate.prompts '/nonexistent/prompts.txt'")
+    lines = _error_lines(served, run, f"reward model pickscore: could not load "
+                                      f"'{REPO / 'README.md'}'")
     assert any("SmpoError" in line for line in lines), lines
     _, stages = served.mlflow_runs(run.flow_run_id)
     assert stages["evaluate"]["info"]["status"] == "FAILED"
-    assert tags(stages["evaluate"])["smpo.error"].startswith("SmpoError: evaluate.prompts")
+    assert tags(stages["evaluate"])["smpo.error"].startswith(
+        "SmpoError: reward model pickscore: could not load")
     assert all(tags(stages[s])["smpo.reused"] == "true" for s in STAGES if s != "evaluate")
 
 

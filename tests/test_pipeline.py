@@ -144,18 +144,27 @@ def test_evaluate_reports_win_rates_grid_and_html(runs):
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["metrics"]) == {"pickscore", "hpsv2", "imagereward", "aesthetic",
                                        "clipscore"}
-    for metric in summary["metrics"].values():
-        assert 0.0 <= metric["win_rate"] <= 1.0
     assert summary["generation"]["steps"] == 10
-    scores = pq.read_table(folder / "scores.parquet")
-    assert scores.num_rows == 8
-    rates = scores.column("pickscore_tuned").to_numpy() > scores.column("pickscore_base").to_numpy()
-    ties = scores.column("pickscore_tuned").to_numpy() == scores.column("pickscore_base").to_numpy()
-    assert summary["metrics"]["pickscore"]["win_rate"] == pytest.approx(
-        rates.mean() + 0.5 * ties.mean())
+    assert summary["generation"]["drawn"] == {"base": 8, "tuned": 8}
+    # builtin:tiny has two styles (one or two shapes): 4 prompts of each.
+    assert summary["prompts"]["styles"] == {"one shape": 4, "two shapes": 4}
+    scores = pq.read_table(folder / "scores.parquet").to_pandas()
+    assert len(scores) == 16 and set(scores["model"]) == {"base", "tuned"}
+    # Pair base and tuned by seed in the per-image file: the win rate and difference of the
+    # summary are those of these pairs.
+    paired = scores.pivot(index="seed", columns="model", values="pickscore")
+    wins = (paired["tuned"] > paired["base"]).sum() + 0.5 * (paired["tuned"] ==
+                                                             paired["base"]).sum()
+    pickscore = summary["metrics"]["pickscore"]["groups"]["all"]
+    assert pickscore["vs_reference"]["tuned"]["win_rate"] == pytest.approx(wins / 8)
+    assert pickscore["vs_reference"]["tuned"]["diff_mean"] == pytest.approx(
+        (paired["tuned"] - paired["base"]).mean())
+    low, high = pickscore["vs_reference"]["tuned"]["diff_ci"]
+    assert low <= pickscore["vs_reference"]["tuned"]["diff_mean"] <= high
     with Image.open(folder / "grid.png") as grid:
-        assert grid.width > 256 and grid.height > 8 * 64
-    assert len(list((folder / "images" / "base").glob("*.png"))) == 8
+        assert grid.width > 2 * 160 and grid.height > 8 * 160
+    images = Path(summary["models"]["base"]["images"]) / "images"
+    assert len(list(images.glob("*.png"))) == 8
     html = (folder / "report.html").read_text()
     assert "win rate" in html and "data:image/png;base64," in html
 
@@ -248,4 +257,7 @@ def test_lora_training_writes_adapters_that_evaluate_loads(runs):
     assert adapters and all(".lora" in key for key in adapters)
     assert any(t.abs().sum() > 0 for k, t in adapters.items() if "lora.up" in k)
     summary = json.loads((Path(lora["evaluate"]["path"]) / "summary.json").read_text())
-    assert summary["generation"]["tuned_weights"].endswith("lora")
+    assert summary["models"]["tuned"]["weights"].endswith("lora")
+    assert summary["models"]["tuned"]["weights_kind"] == "lora"
+    # The base drew these prompts with these seeds in the first run: nothing drawn again.
+    assert summary["generation"]["drawn"] == {"base": 0, "tuned": 8}
