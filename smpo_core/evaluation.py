@@ -231,36 +231,6 @@ def _score(metric: MetricSpec, folders: dict[str, ImageFolder], prompts: PromptS
     return kept, info
 
 
-def compare_models(
-    models: Sequence[ModelSpec],
-    prompts: PromptSet,
-    metrics: Sequence[MetricSpec],
-    cfg: EvaluationConfig,
-    image_root: Path,
-    device: torch.device,
-    dtype: torch.dtype,
-    reporter: Reporter | None = None,
-    load_metric: Callable[..., RewardModel] = load_reward_model,
-    metric_cache_dir: Path | None = None,
-) -> Comparison:
-    """Draw, score and summarise `models` (the first is the reference) on `prompts`."""
-    reporter = reporter or Reporter()
-    check_evaluation(models, metrics, cfg)
-    folders = {m.label: ImageFolder(image_root, m, cfg.sampling) for m in models}
-    counts = _generate(models, folders, prompts, cfg, device, dtype, reporter)
-    jobs = image_jobs(prompts, cfg.images_per_prompt, cfg.seed)
-    shape = (len(prompts), cfg.images_per_prompt)
-    scores: dict[str, dict[str, np.ndarray]] = {m.label: {} for m in models}
-    infos = {}
-    for metric in metrics:
-        kept, infos[metric.kind] = _score(metric, folders, prompts, cfg, device, reporter,
-                                          load_metric, metric_cache_dir)
-        for label in scores:
-            scores[label][metric.kind] = np.array([kept[label][j.name] for j in jobs],
-                                                  dtype=float).reshape(shape)
-    return Comparison(list(models), prompts, cfg, jobs, folders, scores, infos, counts)
-
-
 @dataclass
 class Comparison:
     """What `compare_models` found: scores (model -> metric -> (P, K) array) and their
@@ -337,6 +307,36 @@ class Comparison:
                 for kind in per_metric:
                     per_metric[kind].append(float(flat[kind][n]))
         return pa.table(rows | per_metric)
+
+
+def compare_models(
+    models: Sequence[ModelSpec],
+    prompts: PromptSet,
+    metrics: Sequence[MetricSpec],
+    cfg: EvaluationConfig,
+    image_root: Path,
+    device: torch.device,
+    dtype: torch.dtype,
+    reporter: Reporter | None = None,
+    load_metric: Callable[..., RewardModel] = load_reward_model,
+    metric_cache_dir: Path | None = None,
+) -> Comparison:
+    """Draw, score and summarise `models` (the first is the reference) on `prompts`."""
+    reporter = reporter or Reporter()
+    check_evaluation(models, metrics, cfg)
+    folders = {m.label: ImageFolder(image_root, m, cfg.sampling) for m in models}
+    counts = _generate(models, folders, prompts, cfg, device, dtype, reporter)
+    jobs = image_jobs(prompts, cfg.images_per_prompt, cfg.seed)
+    shape = (len(prompts), cfg.images_per_prompt)
+    scores: dict[str, dict[str, np.ndarray]] = {m.label: {} for m in models}
+    infos = {}
+    for metric in metrics:
+        kept, infos[metric.kind] = _score(metric, folders, prompts, cfg, device, reporter,
+                                          load_metric, metric_cache_dir)
+        for label in scores:
+            scores[label][metric.kind] = np.array([kept[label][j.name] for j in jobs],
+                                                  dtype=float).reshape(shape)
+    return Comparison(list(models), prompts, cfg, jobs, folders, scores, infos, counts)
 
 
 def image_seed_range(prompts: PromptSet, cfg: EvaluationConfig) -> str:

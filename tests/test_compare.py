@@ -92,7 +92,7 @@ def runs(store):
     drawn = _pngs(store)
     with pytest.MonkeyPatch.context() as env:
         env.delenv("MLFLOW_TRACKING_URI", raising=False)
-        second = compare.fn(models=["base", "tuned=train:5eed", f"lora=lora:{store / 'lora'}"],
+        second = compare.fn(models=["base", "smpo=train:5eed", f"lora=lora:{store / 'lora'}"],
                             profile="tiny", overrides=_overrides(store), store=str(store))
     return {"first": first, "second": second, "drawn_by_first": drawn}
 
@@ -146,14 +146,15 @@ def test_the_comparison_is_one_mlflow_run(store, runs):
 
 def test_a_second_comparison_reuses_the_images_the_first_drew(store, runs):
     summary = json.loads((_output(runs["second"]) / "summary.json").read_text())
-    assert summary["generation"]["drawn"] == {"base": 0, "tuned": 0, "lora": 8}
-    assert summary["generation"]["reused"] == {"base": 8, "tuned": 8, "lora": 0}
+    # `smpo` is the train output the first comparison called `tuned`: labels do not matter.
+    assert summary["generation"]["drawn"] == {"base": 0, "smpo": 0, "lora": 8}
+    assert summary["generation"]["reused"] == {"base": 8, "smpo": 8, "lora": 0}
     now = _pngs(store)
     assert {p: now[p] for p in runs["drawn_by_first"]} == runs["drawn_by_first"]
     assert len(now) == 24
     first = json.loads((_output(runs["first"]) / "summary.json").read_text())
     for metric in ("pickscore", "hpsv2"):
-        assert summary["metrics"][metric]["groups"]["all"]["models"]["tuned"] == \
+        assert summary["metrics"][metric]["groups"]["all"]["models"]["smpo"] == \
             first["metrics"][metric]["groups"]["all"]["models"]["tuned"]
 
 
@@ -224,3 +225,25 @@ def test_report_shows_intervals_styles_win_rate_bars_and_the_grid(runs, tmp_path
         page.screenshot("compare-report.png", full_page=True)
     finally:
         page.close()
+
+
+def test_a_train_output_is_named_by_its_mlflow_run(store, runs):
+    from flows.compare import plan_comparison
+    from smpo_core.errors import SmpoError
+
+    client = MlflowClient(f"sqlite:///{store / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smpo").experiment_id
+    train = store / "train" / "5eed0000cafe0000"
+    parent = client.create_run(experiment, run_name="smpo tiny")
+    child = client.create_run(experiment, run_name="train", tags={
+        "mlflow.parentRunId": parent.info.run_id, "smpo.stage": "train",
+        "smpo.output": str(train)})
+    plan = plan_comparison(["base", f"run:{parent.info.run_id}",
+                            f"again=run:{child.info.run_id}"],
+                           overrides=_overrides(store), store=str(store))
+    flow_run, stage_run = plan.models[1:]
+    assert flow_run.label == f"run-{parent.info.run_id[:8]}"
+    assert flow_run.weights == stage_run.weights == str(train / "unet")
+    assert flow_run.identity() == stage_run.identity()
+    with pytest.raises(SmpoError, match="model run:0123: no such MLflow run"):
+        plan_comparison(["base", "run:0123"], overrides=_overrides(store), store=str(store))

@@ -8,6 +8,7 @@ import gc
 import json
 import math
 import weakref
+from dataclasses import replace
 from pathlib import Path
 
 import numpy as np
@@ -232,14 +233,15 @@ def _metrics(world) -> list[MetricSpec]:
     return [MetricSpec("pickscore", world["clip"]), MetricSpec("clipscore", world["clip"])]
 
 
-def _models(world, *labels) -> list[ModelSpec]:
+def _models(world, *names, labels: dict[str, str] | None = None) -> list[ModelSpec]:
+    """Models by name; `labels` renames some (a label must not matter for reuse)."""
     root = world["root"]
     known = {"base": ModelSpec("base", world["base"]),
              "tuned": ModelSpec("tuned", world["base"], weights=str(root / "tuned-unet"),
                                 weights_kind="unet"),
              "lora": ModelSpec("lora", world["base"], weights=str(root / "lora"),
                                weights_kind="lora")}
-    return [known[label] for label in labels]
+    return [replace(known[name], label=(labels or {}).get(name, name)) for name in names]
 
 
 def test_metrics_load_after_generation_one_at_a_time(world, tmp_path, monkeypatch):
@@ -276,17 +278,18 @@ def test_a_second_comparison_reuses_drawn_images_and_scores(world, tmp_path):
     scored = []
     reporter = Reporter(progress=lambda what, total: scored.append((what, total)) or _Bar())
     loader = RecordingLoader(root)
-    second = compare_models(_models(world, "base", "tuned", "lora"), prompts, _metrics(world),
-                            _config(), root, CPU, torch.float32, reporter, load_metric=loader)
+    second = compare_models(_models(world, "base", "tuned", "lora", labels={"tuned": "smpo"}),
+                            prompts, _metrics(world), _config(), root, CPU, torch.float32,
+                            reporter, load_metric=loader)
     assert second.counts == {"base": {"drawn": 0, "reused": 3},
-                             "tuned": {"drawn": 0, "reused": 3},
+                             "smpo": {"drawn": 0, "reused": 3},
                              "lora": {"drawn": 3, "reused": 0}}
     assert {p: p.stat().st_mtime_ns for p in kept} == kept  # not drawn again
     assert {p: p.stat().st_mtime_ns for p in parts} == parts  # not scored again
     assert ("score pickscore", 3) in scored and ("score clipscore", 3) in scored  # lora only
     for kind in ("pickscore", "clipscore"):
         np.testing.assert_array_equal(second.scores["base"][kind], first.scores["base"][kind])
-        np.testing.assert_array_equal(second.scores["tuned"][kind], first.scores["tuned"][kind])
+        np.testing.assert_array_equal(second.scores["smpo"][kind], first.scores["tuned"][kind])
     # The LoRA and the tuned UNet change what the base draws.
     assert not np.array_equal(second.scores["lora"]["pickscore"],
                               second.scores["base"]["pickscore"])

@@ -144,8 +144,11 @@ def test_evaluate_reports_win_rates_grid_and_html(runs):
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["metrics"]) == {"pickscore", "hpsv2", "imagereward", "aesthetic",
                                        "clipscore"}
-    assert summary["generation"]["steps"] == 10
-    assert summary["generation"]["drawn"] == {"base": 8, "tuned": 8}
+    generation = summary["generation"]
+    assert generation["steps"] == 10
+    # --force evaluate (below) rewrote this folder, drawing nothing: every image was kept.
+    assert {m: generation["drawn"][m] + generation["reused"][m] for m in ("base", "tuned")} \
+        == {"base": 8, "tuned": 8}
     # builtin:tiny has two styles (one or two shapes): 4 prompts of each.
     assert summary["prompts"]["styles"] == {"one shape": 4, "two shapes": 4}
     scores = pq.read_table(folder / "scores.parquet").to_pandas()
@@ -221,6 +224,9 @@ def test_force_recomputes_one_stage_under_the_same_key(runs):
     ran = {stage for stage, row in runs["forced"].items() if not row["reused"]}
     assert ran == {"evaluate"}
     assert runs["forced"]["evaluate"]["key"] == runs["first"]["evaluate"]["key"]
+    # The statistics are computed again from the images and scores the first run kept.
+    assert _manifest(runs["forced"]["evaluate"])["generation"]["reused"] == \
+        {"base": 8, "tuned": 8}
 
 
 def test_killed_train_stage_is_redone_from_its_last_checkpoint(runs):
