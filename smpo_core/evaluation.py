@@ -145,8 +145,8 @@ def check_evaluation(models: Sequence[ModelSpec], metrics: Sequence[MetricSpec],
                      cfg: EvaluationConfig) -> None:
     """Everything that can be checked without drawing: one clear line for the first problem."""
     if not models:
-        raise SmpoError("compare: no models given; name at least two (e.g. base and a "
-                        "train:KEY), the first being the reference")
+        raise SmpoError("compare: no models given; name one or more (e.g. base "
+                        "tuned=train:latest), the first being the reference")
     labels = [m.label for m in models]
     if len(set(labels)) != len(labels):
         twice = next(label for label in labels if labels.count(label) > 1)
