@@ -73,11 +73,11 @@ def win_rate_bars(target: Path, summary: dict) -> Path:
         x = np.arange(len(metrics)) + (k - (len(others) - 1) / 2) * width
         ax.bar(x, rates, width * 0.9, yerr=[low, high], capsize=4, label=label,
                color=_COLOURS[(k + 1) % len(_COLOURS)], error_kw={"elinewidth": 1.2})
-        for xi, rate, up in zip(x, rates, high, strict=True):
-            ax.text(xi, min(rate + up + 0.02, 0.97), f"{rate:.2f}", ha="center", fontsize=8)
+        for xi, rate in zip(x, rates, strict=True):  # beside the error bar, above the bar
+            ax.text(xi + 0.02, rate + 0.015, f"{rate:.2f}", ha="left", fontsize=8)
     ax.axhline(0.5, color="grey", linestyle="--", linewidth=1)
     ax.set_xticks(np.arange(len(metrics)), metrics)
-    ax.set_ylim(0, 1)
+    ax.set_ylim(0, 1.05)  # room for an interval's cap at 1
     ax.set_ylabel(f"win rate vs {summary['reference']}")
     ax.legend(fontsize=8, loc="lower right")
     ax.set_title("win rate (ties half), 95% bootstrap interval")
