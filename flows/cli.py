@@ -4,6 +4,8 @@
     smpo run train evaluate          those stages (upstream reused, built if missing)
     smpo run --profile sd15 --set train.beta=5000 --force train
     smpo settings [--profile P]      every setting: value, where it comes from, meaning
+    smpo compare base tuned=train:latest lora:/models/x --set evaluate.prompts=hpdv2-test
+                                     models on the same prompts and seeds: table, grid, report
 """
 
 from __future__ import annotations
@@ -46,6 +48,16 @@ def _parser() -> argparse.ArgumentParser:
                      help="recompute this stage even if its output exists (repeatable)")
     show = sub.add_parser("settings", help="explain every setting of a profile")
     _common(show)
+    compare = sub.add_parser(
+        "compare", help="evaluate models on the same prompts and seeds (the first is the "
+        "reference): one table, one grid, one HTML report, one MLflow run")
+    compare.add_argument("models", nargs="+", metavar="MODEL",
+                         help="[LABEL=]base | train:KEY | train:latest | run:RUN_ID | "
+                              "unet:PATH | lora:PATH | pipeline:PATH_OR_ID | PATH | HUB_ID")
+    _common(compare)
+    compare.add_argument("--store", default=None,
+                         help=f"stage store folder (default ${Environment.variable('store')} or "
+                              f"{Environment.model_fields['store'].default})")
     return parser
 
 
@@ -112,6 +124,8 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "settings":
             print_settings(args.profile, args.overrides)
             return 0
+        if args.command == "compare":
+            return _compare(args)
         store = args.store or str(environment().store)
         request = dict(stages=args.stages or None, profile=args.profile,
                        overrides=args.overrides, store=store, force=args.force)
@@ -127,6 +141,38 @@ def main(argv: list[str] | None = None) -> int:
     print_table(rows)
     _print_next_steps(Path(store).expanduser().resolve(), rows)
     return 0
+
+
+def _compare(args: argparse.Namespace) -> int:
+    from flows.compare import compare, plan_comparison
+
+    # Checked before the flow starts, so a bad model or prompt set costs no server start.
+    plan_comparison(args.models, args.profile, args.overrides, args.store)
+    result = compare(models=args.models, profile=args.profile, overrides=args.overrides,
+                     store=args.store)
+    print_comparison(result["summary"])
+    folder = Path(result["path"])
+    print(f"\ntable: {folder / 'table.csv'}\nimage grid: {folder / 'grid.png'}\n"
+          f"report: {folder / 'report.html'}\nMLflow run: {result['run_id']}")
+    return 0
+
+
+def print_comparison(summary: dict) -> None:
+    """Every metric over all prompts: each model's mean and median, and against the
+    reference the difference and win rate with their 95% intervals."""
+    reference = summary["reference"]
+    print(f"\n{'metric':<12} {'model':<16} {'mean':>10} {'median':>10}  "
+          f"{'difference vs ' + reference + ' [95% CI]':<36} win rate [95% CI]")
+    for kind, metric in summary["metrics"].items():
+        result = metric["groups"]["all"]
+        for label, stats in result["models"].items():
+            paired = result["vs_reference"].get(label)
+            diff = (f"{paired['diff_mean']:+.4f} [{paired['diff_ci'][0]:+.4f}, "
+                    f"{paired['diff_ci'][1]:+.4f}]") if paired else "reference"
+            win = (f"{paired['win_rate']:.3f} [{paired['win_rate_ci'][0]:.3f}, "
+                   f"{paired['win_rate_ci'][1]:.3f}]") if paired else ""
+            print(f"{kind:<12} {label:<16} {stats['mean']:>10.4f} {stats['median']:>10.4f}  "
+                  f"{diff:<36} {win}")
 
 
 def _print_next_steps(store: Path, rows: list[dict]) -> None:

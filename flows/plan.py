@@ -90,6 +90,10 @@ def preflight(settings: Settings, store: Path, plan: list[str]) -> None:
         if ref.endswith(CHECKPOINT_SUFFIXES) and not is_hub_file(ref):
             raise SmpoError(f"{name} {ref!r}: no such file; download the published checkpoint "
                             f"and give its path (or owner/repo/file on the hub)")
+    if "evaluate" in plan:
+        from stages.evaluate import check_inputs  # brings torch: only when evaluate runs
+
+        check_inputs(settings, store)
     if "download" in plan:
         source = builtins.resolve(settings.download.source, store)
         if describe_source(source) != "hub":

@@ -51,6 +51,7 @@ REPO = Path(__file__).resolve().parents[1]
 BIN = Path(sys.executable).parent  # the environment's own `prefect` and `mlflow` commands
 DEFAULT_POOL = Environment.model_fields["work_pool"].default
 ENTRYPOINT = "flows/pipeline.py:smpo"
+COMPARE_ENTRYPOINT = "flows/compare.py:compare"
 SERVICES = ("prefect-server", "mlflow-server", "worker")  # start order; stop goes backwards
 START_TIMEOUT = 180.0  # seconds; a cold start on 2 busy cores takes ~10-30
 
@@ -255,11 +256,13 @@ def prefect_cli(cfg: Config, *args: str) -> None:
 
 
 def deployments() -> list[dict]:
-    """smpo/full, then one deployment per registered stage: that stage (its upstream stages
+    """smpo/full, one deployment per registered stage: that stage (its upstream stages
     reused or built) and the stages it is deployed with. Each is a preset of the flow's
-    `stages` parameter; the other parameters keep the flow's defaults."""
-    def preset(name: str, description: str, parameters: dict) -> dict:
-        return {"name": name, "description": description, "entrypoint": ENTRYPOINT,
+    `stages` parameter; the other parameters keep the flow's defaults. Then
+    smpo-compare/compare, the comparison flow (flows/compare.py)."""
+    def preset(name: str, description: str, parameters: dict,
+               entrypoint: str = ENTRYPOINT) -> dict:
+        return {"name": name, "description": description, "entrypoint": entrypoint,
                 "parameters": parameters}
 
     presets = [preset("full", "Every stage, download to evaluate; outputs that exist are "
@@ -268,6 +271,11 @@ def deployments() -> list[dict]:
         also = f"; then {', '.join(stage.deploy_with)}" if stage.deploy_with else ""
         presets.append(preset(name, f"{stage.summary} (Upstream stages reused or built{also}.)",
                               {"stages": [name, *stage.deploy_with]}))
+    # The `smpo-compare` flow: smpo-compare/compare, several models on the same prompts and seeds.
+    presets.append(preset("compare", "Several models on the same prompts and seeds (the first "
+                          "is the reference); one table, grid and HTML report, one MLflow run. "
+                          "Drawn images and scores are reused.",
+                          {"models": ["base", "tuned=train:latest"]}, COMPARE_ENTRYPOINT))
     return presets
 
 
@@ -380,6 +388,7 @@ Run the pipeline on it:
   export PREFECT_API_URL={cfg.prefect_url}/api
   {prefect} deployment run smpo/full --watch
   {prefect} deployment run smpo/train -p 'overrides=["train.beta=5000"]' --watch
+  {prefect} deployment run smpo-compare/compare -p 'models=["base", "train:latest"]' --watch
 Stop it all:  make stop""")
 
 

@@ -189,13 +189,22 @@ class EvaluateSettings(Section):
     """Base against tuned model on a prompt set, every metric (§5)."""
 
     prompts: str = Field(
-        "yuvalkirstain/pickapic_v2@test_unique", description="Prompt set: <hub dataset "
-        "id>@<split>, a .txt file (one per line), a Parquet file / folder with a caption or "
-        "prompt column, or builtin:tiny-prompts.",
+        "pickapic-test-unique", description="Prompt set: pickapic-test-unique | partiprompts | "
+        "hpdv2-test (from the hub, or NAME:PATH for a local copy in the published format), "
+        "builtin:tiny-prompts, a .txt/.tsv/.csv/.json/Parquet file or folder, or "
+        "<hub id>@<split>.",
     )
-    num_prompts: int = Field(500, gt=0, description="The first N distinct prompts of the set.")
-    seed: int = Field(0, description="Image i uses generator seed seed + i, for both models.")
-    num_inference_steps: int = Field(50, gt=0, description="DDIM sampling steps per image.")
+    num_prompts: int | None = Field(
+        None, gt=0, description="Evaluate the first N prompts (a styled set: the first of each "
+        "style in turn); None: the whole set, as the papers do.",
+    )
+    images_per_prompt: int = Field(
+        1, gt=0, le=1000, description="Images drawn per prompt and model (paired by seed).")
+    seed: int = Field(
+        0, description="Image j of prompt i (its index in the set) is drawn from generator "
+        "seed seed + 1000 i + j, for every model.",
+    )
+    num_inference_steps: int = Field(50, gt=0, description="DDIM sampling steps.")
     guidance_scale: float = Field(7.5, ge=0, description="Classifier-free guidance scale.")
     metrics: dict[str, str] = Field(
         default_factory=lambda: {
@@ -205,7 +214,8 @@ class EvaluateSettings(Section):
             "aesthetic": "sac+logos+ava1-l14-linearMSE.pth",
             "clipscore": "openai/clip-vit-large-patch14",
         },
-        description="Metric kind -> checkpoint (hub id, local folder or file).",
+        description="Metric kind -> checkpoint (hub id, local folder or file); each reported "
+        "on its published scale.",
     )
     metric_processors: dict[str, str] = Field(
         default_factory=lambda: {
@@ -215,7 +225,14 @@ class EvaluateSettings(Section):
         },
         description="Metric kind -> processor, where it differs from the checkpoint.",
     )
-    batch_size: int = runtime_setting(4, "Prompts per generation batch.")
+    bootstrap_resamples: int = Field(
+        2000, gt=0, description="Bootstrap resamples (over prompts) for the 95% intervals.")
+    bootstrap_seed: int = Field(0, description="Seed of the bootstrap resampling.")
+    batch_size: Annotated[int, Field(gt=0)] = runtime_setting(4, "Images per generation batch.")
+    metric_batch_size: Annotated[int, Field(gt=0)] = runtime_setting(
+        32, "Images per metric-model forward.")
+    chunk_prompts: Annotated[int, Field(gt=0)] = runtime_setting(
+        64, "Prompts per chunk: scores are kept chunk by chunk (the unit of resumption).")
 
 
 # -- the stage registry -------------------------------------------------------------------
@@ -260,7 +277,8 @@ STAGES: dict[str, Stage] = _registry(
           "reference.", TrainSettings, upstream=("invert", "score"), shares=("model",),
           deploy_with=("evaluate",)),
     Stage("evaluate", "Base and tuned model generate from the same prompts and seeds; every "
-          "metric scores both.", EvaluateSettings, upstream=("train",), shares=("model",)),
+          "metric scores both.", EvaluateSettings, upstream=("train",), shares=("model",),
+          version="2"),
 )
 
 

@@ -1,93 +1,85 @@
-"""evaluate: base and tuned model generate from the same prompts and seeds; every metric scores
-both; per-prompt scores, summary with win rates, image grid and an HTML report."""
+"""evaluate: the base and the tuned model draw from the same prompts and seeds, every metric
+scores both on its published scale; per-image scores, a summary with intervals, a table, a
+side-by-side grid and an HTML report. Images and scores are kept in the store's generation
+cache (`<store>/generations/`), so a later comparison reuses them."""
 
 from __future__ import annotations
 
+from pathlib import Path
 from typing import Any
 
-import pyarrow as pa
-import pyarrow.parquet as pq
-from diffusers import UNet2DConditionModel
-
 from smpo_core.evaluation import (
-    build_pipeline,
-    comparison_grid,
-    generate,
-    load_prompts,
-    score_all,
-    summarise,
+    EvaluationConfig,
+    MetricSpec,
+    Reporter,
+    compare_models,
+    headline,
+    write_outputs,
+    write_report,
 )
+from smpo_core.generation import Sampling
+from smpo_core.model_refs import base_spec, train_output_spec
 from smpo_core.models import resolve_device, resolve_dtype
-from smpo_core.report import evaluation_report, score_distributions, win_rate_bars
-from smpo_core.rewards import load_reward_model
-from smpo_core.store import atomic_path, write_json
-from stages.common import StageRun
+from smpo_core.prompts import is_local, load_prompt_set
+from smpo_core.rewards import check_kinds
+from smpo_core.settings import Settings
+from smpo_core.worlds import builtins
+from stages.common import Progress, RunContext, StageRun, logger
+
+GENERATIONS = "generations"  # <store>/generations: images and scores, shared by evaluations
+
+
+def evaluation_config(settings: Settings) -> EvaluationConfig:
+    cfg, model = settings.evaluate, settings.model
+    dtype = resolve_dtype(model.dtype, resolve_device(model.device))
+    sampling = Sampling(cfg.num_inference_steps, cfg.guidance_scale, model.resolution,
+                        str(dtype).removeprefix("torch."))
+    return EvaluationConfig(sampling, cfg.seed, cfg.images_per_prompt, cfg.bootstrap_resamples,
+                            cfg.bootstrap_seed, cfg.batch_size, cfg.metric_batch_size,
+                            cfg.chunk_prompts)
+
+
+def metric_specs(ctx: RunContext) -> list[MetricSpec]:
+    cfg = ctx.settings.evaluate
+    return [MetricSpec(kind, ctx.resolve(checkpoint),
+                       ctx.resolve(cfg.metric_processors.get(kind)))
+            for kind, checkpoint in cfg.metrics.items()]
+
+
+def check_inputs(settings: Settings, store: Path) -> None:
+    """What a pipeline run checks before its first stage: the metric kinds, and a prompt set
+    that can be read without the network (it must hold prompts)."""
+    check_kinds(settings.evaluate.metrics, "evaluate.metrics")
+    if is_local(settings.evaluate.prompts):
+        load_prompt_set(builtins.resolve(settings.evaluate.prompts, store),
+                        settings.evaluate.num_prompts)
+
+
+def reporter(stage: str) -> Reporter:
+    """Progress bars (terminal and Prefect) and log lines for an evaluation."""
+    return Reporter(progress=lambda what, total: Progress(f"{stage} {what}", total, "images"),
+                    log=lambda message: logger().info("%s: %s", stage, message))
 
 
 def compute(run: StageRun) -> dict[str, Any]:
-    cfg, model_cfg = run.settings.evaluate, run.settings.model
-    device = resolve_device(model_cfg.device)
-    dtype = resolve_dtype(model_cfg.dtype, device)
-    metrics = {
-        kind: load_reward_model(kind, run.ctx.resolve(ckpt), device,
-                                run.ctx.resolve(cfg.metric_processors.get(kind)),
-                                cache_dir=run.ctx.store.root / "converted")
-        for kind, ckpt in cfg.metrics.items()
-    }
-    prompts = load_prompts(run.ctx.resolve(cfg.prompts), cfg.num_prompts)
-    base_ref = run.ctx.resolve(model_cfg.base)
-    pipe = build_pipeline(base_ref, device, dtype, revision=model_cfg.revision,
-                          vae=run.ctx.resolve(model_cfg.vae))
-    progress = run.progress(total=2 * len(prompts), unit="images")
-    sample = dict(seed=cfg.seed, num_inference_steps=cfg.num_inference_steps,
-                  guidance_scale=cfg.guidance_scale, resolution=model_cfg.resolution,
-                  batch_size=cfg.batch_size, on_batch=progress.update)
-    images = {"base": generate(pipe, prompts, save_to=run.out_dir / "images" / "base",
-                               **sample)}
-    tuned = run.input_dir("train")
-    if (tuned / "lora").is_dir():
-        pipe.load_lora_weights(str(tuned / "lora"))
-    else:
-        pipe.unet = UNet2DConditionModel.from_pretrained(tuned / "unet", dtype=dtype).to(device)
-    images["tuned"] = generate(pipe, prompts, save_to=run.out_dir / "images" / "tuned",
-                               **sample)
-    progress.close()
-    scores = {name: score_all(metrics, images[name], prompts, batch_size=cfg.batch_size)
-              for name in images}
-    summary = summarise(scores["base"], scores["tuned"])
-    record = {"sampler": "DDIM (eta 0)", "steps": cfg.num_inference_steps,
-              "guidance_scale": cfg.guidance_scale, "resolution": model_cfg.resolution,
-              "seeds": f"{cfg.seed}..{cfg.seed + len(prompts) - 1}", "prompts": cfg.prompts,
-              "num_prompts": len(prompts), "base_model": model_cfg.base,
-              "tuned_weights": run.inputs["train"].summary.get("weights_path")}
-    _write_outputs(run, prompts, images, scores, summary, record)
-    run.tracker.metrics({f"eval.{metric}.{k}": v for metric, s in summary.items()
-                         for k, v in s.items()})
-    return {"prompts": len(prompts), "summary": summary, "generation": record}
-
-
-def _write_outputs(run: StageRun, prompts: list[str], images: dict, scores: dict,
-                   summary: dict, record: dict) -> None:
-    out = run.out_dir
-    columns: dict[str, Any] = {"prompt_index": list(range(len(prompts))), "prompt": prompts,
-                               "seed": [run.settings.evaluate.seed + i
-                                        for i in range(len(prompts))]}
-    for metric in summary:
-        columns[f"{metric}_base"] = scores["base"][metric]
-        columns[f"{metric}_tuned"] = scores["tuned"][metric]
-    with atomic_path(out / "scores.parquet") as tmp:
-        pq.write_table(pa.table(columns), tmp)
-    write_json(out / "summary.json", {"metrics": summary, "generation": record})
-    grid = comparison_grid(prompts, images["base"], images["tuned"])
-    with atomic_path(out / "grid.png") as tmp:
-        grid.save(tmp, format="PNG")
-    bars = win_rate_bars(out / "win_rates.png", summary)
-    spread = score_distributions(out / "scores.png", scores["base"], scores["tuned"])
-    figures = {"Win rates": bars, "Per-prompt scores": spread,
-               "Base vs tuned (same seed per row)": out / "grid.png"}
+    settings, store = run.settings, run.ctx.store.root
+    prompts = load_prompt_set(run.ctx.resolve(settings.evaluate.prompts),
+                              settings.evaluate.num_prompts)
+    models = [base_spec(settings, store, "base"),
+              train_output_spec(run.input_dir("train"), store, "tuned", "train")]
+    device = resolve_device(settings.model.device)
+    comparison = compare_models(
+        models, prompts, metric_specs(run.ctx), evaluation_config(settings),
+        store / GENERATIONS, device, resolve_dtype(settings.model.dtype, device),
+        reporter("evaluate"), metric_cache_dir=store / "converted")
+    summary = write_outputs(comparison, run.out_dir)
     curves = run.input_dir("train") / "training.png"
-    if curves.is_file():
-        figures["Training (loss, implicit accuracy, MSEs per step)"] = curves
-    evaluation_report(out / "report.html", summary, record, figures)
-    run.artifacts += [out / "summary.json", out / "scores.parquet", out / "grid.png", bars,
-                      spread, out / "report.html"]
+    extra = {"Training (loss, implicit accuracy, MSEs per step)": curves} \
+        if curves.is_file() else {}
+    run.artifacts += write_report(comparison, summary, run.out_dir, extra,
+                                  title="smpo evaluation: tuned against base")
+    results = headline(summary)
+    run.tracker.metrics({f"eval.{name}.{stat}": value for name, values in results.items()
+                         for stat, value in values.items()})
+    return {"prompts": len(prompts), "generation": summary["generation"], "results": results,
+            "report": str(Path(run.out_dir) / "report.html")}

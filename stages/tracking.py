@@ -15,6 +15,7 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from smpo_core.environment import environment
+from smpo_core.errors import SmpoError
 from smpo_core.store import Store
 
 
@@ -92,3 +93,27 @@ def run(client: MlflowClient, experiment: str, name: str, tags: dict[str, Any],
         client.set_terminated(created.info.run_id, "FAILED")
         raise
     client.set_terminated(created.info.run_id, "FINISHED")
+
+
+def train_output_of_run(client: MlflowClient, run_id: str) -> Path:
+    """The train stage output an MLflow run points at: a train stage run's own, or that of
+    the train stage run nested under a flow's parent run."""
+    from mlflow.exceptions import MlflowException
+
+    try:
+        found = client.get_run(run_id)
+    except MlflowException as exc:
+        raise SmpoError(f"model run:{run_id}: no such MLflow run at "
+                        f"{client.tracking_uri}") from exc
+    if found.data.tags.get("smpo.stage") != "train":
+        children = client.search_runs(
+            [found.info.experiment_id],
+            filter_string=f"tags.mlflow.parentRunId = '{run_id}' and tags.`smpo.stage` = 'train'")
+        if not children:
+            raise SmpoError(f"model run:{run_id}: neither a train stage run nor a flow run "
+                            f"with one")
+        found = children[0]
+    output = Path(found.data.tags["smpo.output"])
+    if not (output / "manifest.json").is_file():
+        raise SmpoError(f"model run:{run_id}: its train output {output} is gone or incomplete")
+    return output

@@ -117,17 +117,17 @@ class Served:
                               cwd=REPO)
 
     def run_deployment(self, name: str, overrides: list[str], watch: bool = True,
-                       **params: Any) -> DeploymentRun:
-        """`prefect deployment run smpo/<name> [--watch]` with the tiny profile, this store."""
+                       flow: str = "smpo", **params: Any) -> DeploymentRun:
+        """`prefect deployment run <flow>/<name> [--watch]` with the tiny profile, this store."""
         params = {"profile": "tiny", "store": str(self.store), "overrides": overrides} | params
         args = [arg for key, value in params.items()
                 for arg in ("-p", f"{key}={json.dumps(value)}")]
         if watch:
             args += ["--watch", "--watch-interval", "2", "--watch-timeout", "420"]
-        done = self.prefect("deployment", "run", f"smpo/{name}", *args, timeout=480)
+        done = self.prefect("deployment", "run", f"{flow}/{name}", *args, timeout=480)
         output = done.stdout + done.stderr
         found = re.search(r"UUID: ([0-9a-f-]{36})", output)
-        assert found, f"no flow run created by smpo/{name}:\n{output[-3000:]}"
+        assert found, f"no flow run created by {flow}/{name}:\n{output[-3000:]}"
         return DeploymentRun(name, found.group(1), output, done.returncode if watch else None)
 
     def final_state(self, flow_run_id: str, timeout: float = 420) -> str:

@@ -87,3 +87,19 @@ def test_missing_reward_checkpoint_fails_before_any_stage(tmp_path):
     assert "smpo: error: score.checkpoint '/nowhere/PickScore': no such file or folder" \
         in result.stderr
     assert not (store / "download").exists()
+
+
+@pytest.mark.parametrize(("setting", "message"), [
+    ("evaluate.prompts=/nowhere/prompts.txt",
+     "evaluate.prompts '/nowhere/prompts.txt': no such file, and not a named set"),
+    ("evaluate.metrics={pickscor: builtin:tiny-clip}",
+     "evaluate.metrics: unknown reward model kind 'pickscor'; expected one of pickscore"),
+])
+def test_bad_evaluation_input_fails_before_the_first_stage(tmp_path, setting, message):
+    store = tmp_path / "store"
+    result = subprocess.run([sys.executable, "-m", "flows.cli", "run", "--store", str(store),
+                             "--set", setting], capture_output=True, text=True, timeout=300)
+    assert result.returncode == 2
+    error = [line for line in result.stderr.splitlines() if line.startswith("smpo: error:")]
+    assert len(error) == 1 and message in error[0], result.stderr
+    assert not (store / "download").exists() and not (store / "builtin").exists()

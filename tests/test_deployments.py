@@ -4,6 +4,7 @@ worker, runs tracked on the MLflow server; and the failures they must be able to
 from __future__ import annotations
 
 import inspect
+import json
 import os
 import socket
 import subprocess
@@ -38,12 +39,17 @@ def _deployments(store: Path, pool: str = DEFAULT_POOL) -> list[dict]:
     return yaml.safe_load(deployments_file(cfg).read_text())["deployments"]
 
 
+COMPARE = "compare"  # smpo-compare/compare: flows/compare.py
+
+
 def test_every_stage_has_a_deployment_that_runs_it_and_full_runs_all(tmp_path):
     flow_parameters = inspect.signature(smpo.fn).parameters
     assert smpo.name == "smpo"  # so the addresses are smpo/full, smpo/train, ...
     deployments = {d["name"]: d for d in _deployments(tmp_path)}
-    assert set(deployments) == {"full", *STAGES}
+    assert set(deployments) == {"full", *STAGES, COMPARE}
     for name, deployment in deployments.items():
+        if name == COMPARE:
+            continue
         preset = deployment["parameters"]
         assert deployment["entrypoint"] == "flows/pipeline.py:smpo"
         assert deployment["work_pool"]["name"] == DEFAULT_POOL
@@ -57,6 +63,16 @@ def test_every_stage_has_a_deployment_that_runs_it_and_full_runs_all(tmp_path):
         else:
             assert run["stages"][0] == name and name in planned
     assert deployments["train"]["parameters"]["stages"] == ["train", "evaluate"]
+
+
+def test_the_compare_deployment_is_a_run_of_the_compare_flow(tmp_path):
+    from flows.compare import compare
+
+    deployment = next(d for d in _deployments(tmp_path) if d["name"] == COMPARE)
+    assert compare.name == "smpo-compare"  # so the address is smpo-compare/compare
+    assert deployment["entrypoint"] == "flows/compare.py:compare"
+    assert set(deployment["parameters"]) <= set(inspect.signature(compare.fn).parameters)
+    assert deployment["parameters"]["models"] == ["base", "tuned=train:latest"]
 
 
 def test_another_work_pool_changes_only_the_pool(tmp_path):
@@ -87,7 +103,7 @@ def test_serve_twice_starts_nothing_new_and_registers_every_deployment(served: S
     assert served.pids_after_second_serve == served.pids
     assert served.second_serve_output.count("already running") == len(SERVICES)
     deployments = served.prefect_api("/deployments/filter", {})
-    assert sorted(d["name"] for d in deployments) == sorted(["full", *STAGES])
+    assert sorted(d["name"] for d in deployments) == sorted(["full", *STAGES, COMPARE])
     assert {d["work_pool_name"] for d in deployments} == {DEFAULT_POOL}
     assert served.prefect_api(f"/work_pools/{DEFAULT_POOL}")["type"] == "process"
     assert urllib.request.urlopen(f"{served.mlflow_url}/health").read() == b"OK"
@@ -143,6 +159,34 @@ def test_full_deployment_runs_every_stage_tracked_on_the_servers(served: Served,
 
 
 @pytest.mark.integration
+def test_compare_deployment_reuses_the_images_the_evaluate_stage_drew(served: Served, full_run):
+    run = served.run_deployment(COMPARE, FAST, flow="smpo-compare",
+                                models=["base", "tuned=train:latest"])
+    assert run.returncode == 0, run.output[-3000:]
+    comparison, _ = served.mlflow_runs(run.flow_run_id)
+    assert tags(comparison)["smpo.kind"] == "comparison"
+    assert comparison["info"]["status"] == "FINISHED"
+    summary = json.loads((Path(tags(comparison)["smpo.output"]) / "summary.json").read_text())
+    evaluated = json.loads((Path(tags(full_run.stages["evaluate"])["smpo.output"]) /
+                            "summary.json").read_text())
+    # Same models, prompts and seeds as the evaluate stage of smpo/full: nothing drawn again.
+    assert {m: s["id"] for m, s in summary["models"].items()} == \
+        {m: s["id"] for m, s in evaluated["models"].items()}
+    assert summary["generation"]["drawn"] == {"base": 0, "tuned": 0}
+    assert summary["generation"]["reused"] == {"base": 4, "tuned": 4}
+    metrics = {m["key"]: m["value"] for m in comparison["data"]["metrics"]}
+    paired = summary["metrics"]["pickscore"]["groups"]["all"]["vs_reference"]["tuned"]
+    assert metrics["pickscore.tuned.win_rate"] == pytest.approx(paired["win_rate"])
+    listed = {f["path"] for f in served.mlflow_api(
+        f"/artifacts/list?run_id={comparison['info']['run_id']}")["files"]}
+    assert {"report.html", "table.csv", "grid.png"} <= listed
+    artifacts = served.prefect_api("/artifacts/filter", {
+        "artifacts": {"flow_run_id": {"any_": [run.flow_run_id]}}})
+    table = next(a for a in artifacts if a["key"] == "comparison")
+    assert "| pickscore | tuned |" in table["data"]
+
+
+@pytest.mark.integration
 def test_runs_logged_straight_into_the_store_are_served_too(served: Served, tmp_path):
     """`smpo run` without a server writes the store's SQLite database and a file:// artifact
     folder; the MLflow server of `make serve` shows those runs and their artifacts."""
@@ -173,8 +217,10 @@ def failed_runs(served: Served, full_run) -> dict[str, DeploymentRun]:
         # A learning rate that passes validation but makes training diverge at run time.
         "diverging_train": served.run_deployment(
             "train", [*FAST, "train.beta=3000", "train.learning_rate=1e30"], watch=False),
-        "missing_prompts": served.run_deployment(
-            "evaluate", [*FAST, "evaluate.prompts=/nonexistent/prompts.txt"], watch=False),
+        # A metric checkpoint that exists but is no model: found when the metric loads.
+        "bad_metric": served.run_deployment(
+            "evaluate", [*FAST, f"evaluate.metrics={{pickscore: {REPO / 'README.md'}}}"],
+            watch=False),
         "missing_source": served.run_deployment(
             "download", ["download.source=/nonexistent/pickapic"], watch=False),
         # A misspelt stage to recompute: refused by the flow before anything runs.
@@ -203,11 +249,12 @@ def _failed_with(served: Served, run: DeploymentRun, text: str) -> None:
 
 @pytest.mark.integration
 def test_a_stage_error_is_one_readable_line_in_the_prefect_logs(served, failed_runs):
-    run = failed_runs["missing_prompts"]
-    _failed_with(served, run, "evaluate.prompts '/nonexistent/prompts.txt'")
+    run = failed_runs["bad_metric"]
+    _failed_with(served, run, f"reward model pickscore: could not load '{REPO / 'README.md'}'")
     _, stages = served.mlflow_runs(run.flow_run_id)
     assert stages["evaluate"]["info"]["status"] == "FAILED"
-    assert tags(stages["evaluate"])["smpo.error"].startswith("SmpoError: evaluate.prompts")
+    assert tags(stages["evaluate"])["smpo.error"].startswith(
+        "SmpoError: reward model pickscore: could not load")
     assert all(tags(stages[s])["smpo.reused"] == "true" for s in STAGES if s != "evaluate")
 
 

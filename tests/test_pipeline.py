@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import json
 from pathlib import Path
@@ -14,6 +15,7 @@ from mlflow.tracking import MlflowClient
 from PIL import Image
 from safetensors import safe_open
 from safetensors.torch import load_file
+from transformers import CLIPModel
 
 from smpo_core.settings import STAGES
 from smpo_core.worlds.builtins import TINY_PAIRS
@@ -202,28 +204,42 @@ def test_evaluate_reports_win_rates_grid_and_html(runs):
     summary = json.loads((folder / "summary.json").read_text())
     assert set(summary["metrics"]) == {"pickscore", "hpsv2", "imagereward", "aesthetic",
                                        "clipscore"}
-    assert summary["generation"]["steps"] == 10
-    scores = pq.read_table(folder / "scores.parquet").to_pydict()
-    prompts = scores["prompt"]
-    assert len(prompts) == 8
-    # The saved images scored here, independently: PickScore is the raw cosine, CLIP score
-    # 100 max(cosine, 0); the win rate counts the prompts where tuned beats base, ties half.
+    generation = summary["generation"]
+    assert generation["steps"] == 10
+    # --force evaluate (below) rewrote this folder, drawing nothing: every image was kept.
+    assert {m: generation["drawn"][m] + generation["reused"][m] for m in ("base", "tuned")} \
+        == {"base": 8, "tuned": 8}
+    # builtin:tiny-prompts has two styles (one or two shapes): 4 prompts of each.
+    assert summary["prompts"]["styles"] == {"one shape": 4, "two shapes": 4}
+    scores = pq.read_table(folder / "scores.parquet").to_pandas()
+    assert len(scores) == 16 and set(scores["model"]) == {"base", "tuned"}
+    # The kept images scored here, independently: PickScore on its published scale is the
+    # CLIP's logit scale times the cosine, CLIP score 100 max(cosine, 0); the win rate counts
+    # the seeds where tuned beats base, ties half.
+    clip_dir = runs["store"] / "builtin" / "tiny-clip"
+    scale = float(CLIPModel.from_pretrained(clip_dir).logit_scale.exp())
     cosine = {}
     for model in ("base", "tuned"):
-        images = [Image.open(folder / "images" / model / f"{i:04d}.png").convert("RGB")
-                  for i in range(len(prompts))]
-        cosine[model] = _clip_cosines(runs["store"] / "builtin" / "tiny-clip", images, prompts)
-        np.testing.assert_allclose(scores[f"pickscore_{model}"], cosine[model], atol=1e-5)
-        np.testing.assert_allclose(scores[f"clipscore_{model}"],
-                                   100 * np.maximum(cosine[model], 0), atol=1e-3)
+        rows = scores[scores["model"] == model].sort_values("seed")
+        kept = Path(summary["models"][model]["images"]) / "images"
+        images = [Image.open(kept / f"{hashlib.sha256(p.encode()).hexdigest()[:16]}-{s}.png")
+                  .convert("RGB") for p, s in zip(rows["prompt"], rows["seed"], strict=True)]
+        cosine[model] = _clip_cosines(clip_dir, images, list(rows["prompt"]))
+        np.testing.assert_allclose(rows["pickscore"], scale * cosine[model], rtol=1e-4, atol=1e-4)
+        np.testing.assert_allclose(rows["clipscore"], 100 * np.maximum(cosine[model], 0),
+                                   atol=1e-3)
     wins = [1.0 if t > b else 0.5 if t == b else 0.0
             for t, b in zip(cosine["tuned"], cosine["base"], strict=True)]
-    pickscore = summary["metrics"]["pickscore"]
-    assert pickscore["win_rate"] == pytest.approx(sum(wins) / len(wins))
-    assert pickscore["base_mean"] == pytest.approx(cosine["base"].mean(), abs=1e-5)
-    assert pickscore["tuned_median"] == pytest.approx(np.median(cosine["tuned"]), abs=1e-5)
+    pickscore = summary["metrics"]["pickscore"]["groups"]["all"]
+    assert pickscore["vs_reference"]["tuned"]["win_rate"] == pytest.approx(sum(wins) / 8)
+    assert pickscore["vs_reference"]["tuned"]["diff_mean"] == pytest.approx(
+        scale * (cosine["tuned"] - cosine["base"]).mean(), abs=1e-4)
+    assert pickscore["models"]["base"]["median"] == pytest.approx(
+        scale * np.median(cosine["base"]), abs=1e-4)
+    low, high = pickscore["vs_reference"]["tuned"]["diff_ci"]
+    assert low <= pickscore["vs_reference"]["tuned"]["diff_mean"] <= high
     with Image.open(folder / "grid.png") as grid:
-        assert grid.width > 256 and grid.height > 8 * 64
+        assert grid.width > 2 * 160 and grid.height > 8 * 160
     html = (folder / "report.html").read_text()
     assert "win rate" in html and "data:image/png;base64," in html
 
@@ -280,6 +296,9 @@ def test_force_recomputes_one_stage_under_the_same_key(runs):
     ran = {stage for stage, row in runs["forced"].items() if not row["reused"]}
     assert ran == {"evaluate"}
     assert runs["forced"]["evaluate"]["key"] == runs["first"]["evaluate"]["key"]
+    # The statistics are computed again from the images and scores the first run kept.
+    assert _manifest(runs["forced"]["evaluate"])["generation"]["reused"] == \
+        {"base": 8, "tuned": 8}
 
 
 def test_killed_train_stage_is_redone_from_its_last_checkpoint(runs):
@@ -330,4 +349,7 @@ def test_lora_training_writes_adapters_that_evaluate_loads(runs):
     assert adapters and all(".lora" in key for key in adapters)
     assert any(t.abs().sum() > 0 for k, t in adapters.items() if "lora.up" in k)
     summary = json.loads((Path(lora["evaluate"]["path"]) / "summary.json").read_text())
-    assert summary["generation"]["tuned_weights"].endswith("lora")
+    assert summary["models"]["tuned"]["weights"].endswith("lora")
+    assert summary["models"]["tuned"]["weights_kind"] == "lora"
+    # The base drew these prompts with these seeds in the first run: nothing drawn again.
+    assert summary["generation"]["drawn"] == {"base": 0, "tuned": 8}

@@ -7,7 +7,7 @@ import copy
 import pytest
 import torch
 
-from smpo_core.evaluation import build_pipeline, generate
+from smpo_core.generation import ImageFolder, ModelSpec, Sampling, build_pipeline, draw
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import encode_captions, load_diffusion
 from smpo_core.training import CachedPairs, PairBatch, StepConfig, smpo_loss
@@ -71,11 +71,15 @@ def test_cache_keeps_pooled_and_size_ids_and_trains_cached_like_online(sdxl):
 
 
 def test_sdxl_pipeline_generates_from_the_same_seed(sdxl):
-    folder, _, _, _ = sdxl
-    pipe = build_pipeline(str(folder), torch.device("cpu"), torch.float32)
+    from smpo_core.generation import ImageJob
+
+    folder, _, _, root = sdxl
+    spec = ModelSpec("sdxl", str(folder))
+    pipe = build_pipeline(spec, torch.device("cpu"), torch.float32)
     assert type(pipe).__name__ == "StableDiffusionXLPipeline"
-    args = dict(seed=7, num_inference_steps=2, guidance_scale=5.0, resolution=32, batch_size=2)
-    first = generate(pipe, ["a red circle"], **args)
-    again = generate(pipe, ["a red circle"], **args)
-    assert first[0].size == (32, 32)
-    assert first[0].tobytes() == again[0].tobytes()
+    sampling = Sampling(steps=2, guidance_scale=5.0, resolution=32, dtype="float32")
+    job = [ImageJob(0, "a red circle", 0, seed=7)]
+    first, again = (ImageFolder(root / name, spec, sampling) for name in ("first", "again"))
+    assert draw(pipe, job, first, batch_size=2) == draw(pipe, job, again, batch_size=2) == 1
+    assert first.read(job[0]).size == (32, 32)
+    assert first.read(job[0]).tobytes() == again.read(job[0]).tobytes()

@@ -114,7 +114,7 @@ def test_the_defaults_are_one_run_the_paper_describes():
     refs = [defaults.model.base, defaults.download.source, defaults.score.checkpoint,
             defaults.evaluate.prompts, *defaults.evaluate.metrics.values()]
     assert not [ref for ref in refs if ref.startswith("builtin:")]
-    assert defaults.evaluate.prompts == "yuvalkirstain/pickapic_v2@test_unique"
+    assert defaults.evaluate.prompts == "pickapic-test-unique"  # Pick-a-Pic v2 test_unique
 
 
 def test_environment_variables_are_read_in_one_place(tmp_path, monkeypatch):

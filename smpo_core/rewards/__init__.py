@@ -10,6 +10,7 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterable
 from pathlib import Path
 
 import torch
@@ -36,7 +37,16 @@ _EXPECTED = {
     "aesthetic": AESTHETIC_FORMAT,
 }
 
-__all__ = ["REWARD_MODELS", "RewardModel", "checkpoint_hash", "load_reward_model"]
+__all__ = ["REWARD_MODELS", "RewardModel", "check_kinds", "checkpoint_hash",
+           "load_reward_model"]
+
+
+def check_kinds(kinds: Iterable[str], setting: str) -> None:
+    """Refuse an unregistered kind by name before anything is loaded or generated."""
+    for kind in kinds:
+        if kind not in REWARD_MODELS:
+            raise SmpoError(f"{setting}: unknown reward model kind {kind!r}; expected one of "
+                            f"{', '.join(REWARD_MODELS)}")
 
 
 def load_reward_model(
@@ -48,10 +58,7 @@ def load_reward_model(
     `cache_dir` keeps checkpoint conversions (HPSv2's open_clip -> transformers) between loads;
     None converts in memory on every load.
     """
-    if kind not in REWARD_MODELS:
-        raise SmpoError(
-            f"reward model {kind!r}: unknown kind; expected one of {', '.join(REWARD_MODELS)}"
-        )
+    check_kinds([kind], "reward model")
     if looks_local(checkpoint) and not Path(checkpoint).expanduser().exists():
         raise SmpoError(f"reward model {kind}: checkpoint {checkpoint!r} does not exist")
     model_class = REWARD_MODELS[kind]

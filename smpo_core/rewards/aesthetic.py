@@ -42,6 +42,7 @@ class LaionAesthetic(RewardModel):
     (a transformers CLIP folder or hub id, with its image processor; default the OpenAI one)."""
 
     name = "aesthetic"
+    scale = "as the LAION improved-aesthetic-predictor returns it (about 1 to 10)"
 
     def __init__(self, checkpoint: str, device: torch.device, processor: str | None = None):
         super().__init__(checkpoint, device)

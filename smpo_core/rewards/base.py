@@ -21,6 +21,8 @@ class RewardModel(ABC):
     name: str = "reward"
     #: Normalisation bounds (r_min, r_max) the model suggests for smoothing, if any.
     suggested_bounds: tuple[float, float] | None = None
+    #: What `published` returns, in words: the scale the model's paper tables print.
+    scale: str = "as the reference package returns it"
 
     def __init__(self, checkpoint: str, device: torch.device):
         self.checkpoint = checkpoint
@@ -35,6 +37,11 @@ class RewardModel(ABC):
     @abstractmethod
     def score_batch(self, images: Sequence[Image.Image], captions: Sequence[str]) -> np.ndarray:
         """Rewards, shape (len(images),), float64, for one batch."""
+
+    def published(self, scores: np.ndarray) -> np.ndarray:
+        """`score`'s rewards on the scale of the model's published tables (`scale`), the scale
+        an evaluation reports; `score` itself keeps the scale the smoothing bounds are in."""
+        return np.asarray(scores, dtype=np.float64)
 
     def score(
         self,

@@ -44,16 +44,34 @@ class ClipSimilarityReward(RewardModel):
 
 
 class PickScore(ClipSimilarityReward):
-    """PickScore (CLIP-H/14 fine-tuned on Pick-a-Pic): raw cosine, as METHOD.md §2 smooths it."""
+    """PickScore (CLIP-H/14 fine-tuned on Pick-a-Pic): `score` is the raw cosine, as METHOD.md
+    §2 smooths it; `published` is the model's own logit_scale.exp() times the cosine, the
+    number PickScore's inference code and the preference-tuning tables print (about 100 x
+    cosine, e.g. 22.08)."""
 
     name = "pickscore"
     suggested_bounds = PICKSCORE_BOUNDS
 
+    @property
+    def logit_scale(self) -> float:
+        """exp(logit_scale) of the checkpoint: 100.0 for PickScore_v1."""
+        return float(self.model.logit_scale.detach().exp())
+
+    @property
+    def scale(self) -> str:
+        return f"logit_scale.exp() x cosine, logit_scale.exp() = {self.logit_scale:.6g}"
+
+    def published(self, scores: np.ndarray) -> np.ndarray:
+        return self.logit_scale * np.asarray(scores, dtype=np.float64)
+
 
 class ClipScore(ClipSimilarityReward):
-    """CLIP score (Hessel et al. 2021 with w = 100): 100 * max(cosine, 0)."""
+    """CLIP score as torchmetrics' `CLIPScore` defines it and text-to-image tables report it:
+    100 x max(cosine, 0). Hessel et al. (2021) define CLIP-S = w max(cosine, 0) with w = 2.5,
+    i.e. 0.025 x this number."""
 
     name = "clipscore"
+    scale = "100 x max(cosine, 0) (torchmetrics CLIPScore; Hessel et al.'s CLIP-S = 0.025 x it)"
 
     def score_batch(self, images: Sequence[Image.Image], captions: Sequence[str]) -> np.ndarray:
         return (100.0 * self.cosine(images, captions).clamp(min=0)).cpu().double().numpy()

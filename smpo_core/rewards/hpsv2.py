@@ -170,6 +170,7 @@ class HPSv2(RewardModel):
 
     name = "hpsv2"
     converts_checkpoint: ClassVar[bool] = True
+    scale = "100 x cosine (HPSv2's benchmark tables)"
 
     def __init__(self, checkpoint: str, device: torch.device, processor: str | None = None,
                  cache_dir: Path | None = None):
@@ -194,6 +195,9 @@ class HPSv2(RewardModel):
     @property
     def version(self) -> str:
         return self._digest
+
+    def published(self, scores: np.ndarray) -> np.ndarray:
+        return 100.0 * np.asarray(scores, dtype=np.float64)
 
     @torch.no_grad()
     def score_batch(self, images: Sequence[Image.Image], captions: Sequence[str]) -> np.ndarray:

@@ -123,6 +123,7 @@ class ImageReward(RewardModel):
     """ImageReward v1.0 from the published `ImageReward.pt`; `processor`: the BERT tokenizer."""
 
     name = "imagereward"
+    scale = "as ImageReward.score returns it (standardised reward)"
 
     def __init__(self, checkpoint: str, device: torch.device, processor: str | None = None):
         super().__init__(checkpoint, device)

@@ -30,11 +30,15 @@ def _tiny_pickapic(folder: Path) -> Path:
 
 
 def _tiny_prompts(folder: Path) -> Path:
+    """Held-out captions of the tiny grammar in a prompt/style table: two styles (one shape,
+    two shapes), so the offline profiles exercise per-style reporting as HPDv2 needs it."""
     def build(path: Path) -> None:
         prompts = tiny.synthetic_prompts(TINY_PROMPTS, seed=TINY_PROMPTS_SEED)
-        (path / "prompts.txt").write_text("\n".join(prompts) + "\n")
+        rows = [f"{p}\t{'one shape' if p.endswith(' background') else 'two shapes'}"
+                for p in prompts]
+        (path / "prompts.tsv").write_text("prompt\tstyle\n" + "\n".join(rows) + "\n")
 
-    return build_once(folder, "prompts.txt", build) / "prompts.txt"
+    return build_once(folder, "prompts.tsv", build) / "prompts.tsv"
 
 
 def _tiny_hpsv2(folder: Path) -> Path:
