@@ -116,7 +116,7 @@ def test_deploy_registers_the_deployments_on_the_server_it_is_given(served: Serv
                           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     deployments = served.prefect_api("/deployments/filter", {})
-    assert sorted(d["name"] for d in deployments) == sorted(["full", *STAGES])
+    assert sorted(d["name"] for d in deployments) == sorted(["full", *STAGES, COMPARE])
     assert {d["work_pool_name"] for d in deployments} == {DEFAULT_POOL}
 
 

@@ -217,7 +217,7 @@ def test_evaluate_reports_win_rates_grid_and_html(runs):
     # CLIP's logit scale times the cosine, CLIP score 100 max(cosine, 0); the win rate counts
     # the seeds where tuned beats base, ties half.
     clip_dir = runs["store"] / "builtin" / "tiny-clip"
-    scale = float(CLIPModel.from_pretrained(clip_dir).logit_scale.exp())
+    scale = CLIPModel.from_pretrained(clip_dir).logit_scale.exp().item()
     cosine = {}
     for model in ("base", "tuned"):
         rows = scores[scores["model"] == model].sort_values("seed")
