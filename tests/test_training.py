@@ -4,7 +4,10 @@ from __future__ import annotations
 
 import copy
 import dataclasses
+import json
 import math
+import shutil
+from pathlib import Path
 from types import SimpleNamespace
 
 import pytest
@@ -12,7 +15,8 @@ import torch
 from accelerate import Accelerator
 from diffusers import DDIMScheduler
 
-from smpo_core.inversion import inversion_levels
+from smpo_core.errors import SmpoError
+from smpo_core.inversion import inversion_levels, noise_from_prediction, prediction_target
 from smpo_core.models import load_diffusion
 from smpo_core.training import (
     LoopConfig,
@@ -337,3 +341,96 @@ def test_a_few_smpo_steps_lower_the_loss_and_raise_implicit_accuracy(tiny):
     assert len(history) == 15
     assert after[0] < before[0] - 0.05
     assert after[1] > 0.5
+
+
+def _with_prediction_type(folder: Path, prediction_type: str, out: Path) -> Path:
+    """A copy of a diffusers model folder whose scheduler says `prediction_type`."""
+    shutil.copytree(folder, out)
+    config = out / "scheduler" / "scheduler_config.json"
+    config.write_text(json.dumps(json.loads(config.read_text())
+                                 | {"prediction_type": prediction_type}))
+    return out
+
+
+@pytest.mark.integration
+@pytest.mark.parametrize("prediction_type", ["epsilon", "v_prediction"])
+def test_a_tiny_model_of_each_prediction_type_trains_on_its_own_target(tmp_path,
+                                                                       prediction_type):
+    """The SFT loss on a real tiny UNet against a target made here: the noise the cached
+    latent implies (epsilon), or diffusers' get_velocity of it (v_prediction)."""
+    folder = _with_prediction_type(build_tiny_diffusion(tmp_path / "sd"), prediction_type,
+                                   tmp_path / prediction_type)
+    model = load_diffusion(str(folder), torch.device("cpu"), torch.float32)
+    assert model.prediction_type == prediction_type
+    rows = trainable_pairs(tmp_path / "data", 4, seed=3)
+    inverted = invert_pair_batch(model, rows, LEVELS, 32, renoise_steps=1, average="mean")
+    winner = torch.tensor([0, 1, 1, 0])
+    batch = PairBatch(inverted.z0, inverted.z, inverted.text, torch.ones(4), winner)
+    drawn = _plan(4, "uniform", seed=9)
+    loss, _ = smpo_loss(model.unet, None, batch, drawn, model.alphas_cumprod,
+                        _cfg(method="sft", prediction_type=prediction_type))
+
+    rows = torch.arange(4)
+    abar = model.scheduler.alphas_cumprod
+    level = torch.tensor(LEVELS)[drawn.k]
+    z0, z_level = inverted.z0[rows, winner], inverted.z[rows, winner, drawn.k]
+    a_level, a_t = abar[level].view(-1, 1, 1, 1), abar[drawn.t].view(-1, 1, 1, 1)
+    noise = (z_level - a_level.sqrt() * z0) / (1 - a_level).sqrt()
+    z_t = model.scheduler.add_noise(z0, noise, drawn.t)
+    target = noise if prediction_type == "epsilon" else \
+        model.scheduler.get_velocity(z0, noise, drawn.t)
+    with torch.no_grad():
+        pred = model.unet(z_t, drawn.t, encoder_hidden_states=inverted.text).sample
+    assert loss.item() == pytest.approx((pred - target).pow(2).mean().item(), rel=1e-4)
+
+
+def test_a_model_predicting_anything_else_is_refused(tmp_path):
+    folder = _with_prediction_type(build_tiny_diffusion(tmp_path / "sd"), "sample",
+                                   tmp_path / "sample")
+    with pytest.raises(SmpoError, match=r"prediction_type is 'sample'; expected one of "
+                                        r"epsilon, v_prediction"):
+        load_diffusion(str(folder), torch.device("cpu"), torch.float32)
+
+
+def test_v_prediction_and_noise_convert_both_ways():
+    """v = sqrt(abar) eps - sqrt(1 - abar) z0 (diffusers' get_velocity), and the noise a
+    v-prediction implies at z_t is eps again: what inversion with a v-model relies on."""
+    generator = torch.Generator().manual_seed(0)
+    z0, eps = torch.randn(2, 3, 4, 4, 4, generator=generator)
+    t = torch.tensor([0, 350, 999])
+    abar = SD15_ALPHAS[t]
+    v = prediction_target("v_prediction", z0, eps, abar)
+    torch.testing.assert_close(v, SD15_SCHEDULER.get_velocity(z0, eps, t))
+    z_t = SD15_SCHEDULER.add_noise(z0, eps, t)
+    torch.testing.assert_close(noise_from_prediction("v_prediction", v, z_t, abar), eps,
+                               atol=1e-5, rtol=1e-5)
+    assert prediction_target("epsilon", z0, eps, abar) is not None
+    torch.testing.assert_close(prediction_target("epsilon", z0, eps, abar), eps)
+    with pytest.raises(ValueError, match="'sample'"):
+        prediction_target("sample", z0, eps, abar)
+
+
+def test_the_lora_reference_is_the_unet_without_its_adapters(tmp_path):
+    """One UNet: with adapters on it is the policy, with them off exactly the starting UNet."""
+    from smpo_core.models import AdaptersDisabled, add_lora, load_unet
+
+    folder = build_tiny_diffusion(tmp_path / "sd")
+    start = load_unet(str(folder))
+    policy = load_unet(str(folder))
+    add_lora(policy, 4)
+    with torch.no_grad():
+        for name, p in policy.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.1, generator=torch.Generator().manual_seed(1))
+    generator = torch.Generator().manual_seed(2)
+    z = torch.randn(2, 4, 16, 16, generator=generator)
+    text = torch.randn(2, 77, 32, generator=generator)
+    t = torch.tensor([10, 900])
+    with torch.no_grad():
+        base = start(z, t, encoder_hidden_states=text).sample
+        tuned = policy(z, t, encoder_hidden_states=text).sample
+        reference = AdaptersDisabled(policy)(z, t, encoder_hidden_states=text).sample
+        again = policy(z, t, encoder_hidden_states=text).sample
+    assert not torch.allclose(tuned, base, atol=1e-4)
+    torch.testing.assert_close(reference, base, atol=1e-6, rtol=1e-6)
+    assert torch.equal(again, tuned)  # the adapters are back on
