@@ -82,10 +82,8 @@ def measure(shape: str, mode: str, steps: int, batch: int, rank: int, device_nam
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
-    if device.type == "cuda":
-        peak = torch.cuda.max_memory_allocated()
-    else:
-        peak = peak_rss_bytes() - before
+    peak = (torch.cuda.max_memory_allocated() if device.type == "cuda"
+            else peak_rss_bytes() - before)
     return {"shape": shape, "mode": mode, "parameters": parameters,
             "trainable": sum(p.numel() for p in trainable), "peak_bytes": peak,
             "device": str(device)}

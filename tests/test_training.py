@@ -374,7 +374,7 @@ def test_a_tiny_model_of_each_prediction_type_trains_on_its_own_target(tmp_path,
     abar = model.scheduler.alphas_cumprod
     level = torch.tensor(LEVELS)[drawn.k]
     z0, z_level = inverted.z0[rows, winner], inverted.z[rows, winner, drawn.k]
-    a_level, a_t = abar[level].view(-1, 1, 1, 1), abar[drawn.t].view(-1, 1, 1, 1)
+    a_level = abar[level].view(-1, 1, 1, 1)
     noise = (z_level - a_level.sqrt() * z0) / (1 - a_level).sqrt()
     z_t = model.scheduler.add_noise(z0, noise, drawn.t)
     target = noise if prediction_type == "epsilon" else \
