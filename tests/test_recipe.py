@@ -8,6 +8,7 @@ import subprocess
 import sys
 from pathlib import Path
 
+import numpy as np
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -43,7 +44,8 @@ def inputs(tmp_path_factory):
         invert = stage_task("invert").fn(ctx, pairs)
         score = stage_task("score").fn(ctx, pairs)
     return {"base": str(store / "builtin" / "tiny-sd"), "cache": Path(invert.path),
-            "labels": Path(score.path) / "labels.parquet"}
+            "labels": Path(score.path) / "labels.parquet", "ctx": ctx, "pairs": pairs,
+            "score": score}
 
 
 def _job(inputs, out_dir: Path, *overrides: str) -> TrainJob:
@@ -109,6 +111,45 @@ def test_lora_trains_against_its_own_disabled_adapters(inputs, tmp_path):
     assert (tmp_path / "lora" / "lora" / "pytorch_lora_weights.safetensors").is_file()
 
 
+@pytest.mark.integration
+def test_sft_then_smpo_inverts_and_trains_from_the_sft_unet(inputs):
+    """model.unet=train:KEY: the cache is inverted with that UNet and training starts from it
+    (policy == reference == the SFT UNet at step 1, so the first loss is log 2)."""
+    from diffusers import UNet2DConditionModel
+
+    from stages.common import RunContext, stage_task
+
+    ctx = inputs["ctx"]
+
+    def context(*overrides: str) -> RunContext:
+        return RunContext(load_settings("tiny", [*SMALL, "train.max_steps=2", *overrides]),
+                          ctx.store_root, ctx.tracking_uri, ctx.experiment_id)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        base_cache = stage_task("invert").fn(context(), inputs["pairs"])
+        sft = stage_task("train").fn(context("train.method=sft", "train.trajectory=forward"),
+                                     {"invert": base_cache, "score": inputs["score"]})
+        # A tiny learning rate: the result stays next to where it started.
+        then = context(f"model.unet=train:{sft.key[:8]}", "train.learning_rate=1e-8")
+        cache = stage_task("invert").fn(then, inputs["pairs"])
+        smpo = stage_task("train").fn(then, {"invert": cache, "score": inputs["score"]})
+    assert cache.key != base_cache.key
+    meta = json.loads((Path(cache.path) / "cache.json").read_text())
+    assert meta["unet"] == f"train:{sft.key[:8]}"
+    first = load_file(Path(cache.path) / "shard-00000.safetensors")
+    assert not torch.equal(first["z"], load_file(Path(base_cache.path)
+                                                 / "shard-00000.safetensors")["z"])
+    history = json.loads((Path(smpo.path) / HISTORY).read_text())
+    assert history[0]["loss"] == pytest.approx(float(np.log(2)), abs=1e-6)
+    unet = lambda path: UNet2DConditionModel.from_pretrained(path)  # noqa: E731
+    tuned, sft_unet = unet(Path(smpo.path) / "unet"), unet(Path(sft.path) / "unet")
+    base = UNet2DConditionModel.from_pretrained(inputs["base"], subfolder="unet")
+    distance = lambda a, b: sum((p - q).abs().sum().item()  # noqa: E731
+                                for p, q in zip(a.parameters(), b.parameters(), strict=True))
+    assert distance(tuned, sft_unet) < 0.01 * distance(tuned, base)
+
+
 def test_the_training_process_imports_neither_prefect_nor_mlflow():
     code = ("import sys, smpo_core.recipe; "
             "print(sorted(m for m in ('prefect', 'mlflow') if m in sys.modules))")
@@ -116,3 +157,23 @@ def test_the_training_process_imports_neither_prefect_nor_mlflow():
                           timeout=300, cwd=Path(__file__).resolve().parents[1])
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == "[]"
+
+
+def test_model_unet_names_an_earlier_train_run_by_its_key(tmp_path):
+    from smpo_core.errors import SmpoError
+    from smpo_core.model_refs import start_unet
+
+    for key, weights in (("3f2a9c0000000000", "unet"), ("77aa000000000000", "lora")):
+        folder = tmp_path / "train" / key
+        folder.mkdir(parents=True)
+        (folder / "manifest.json").write_text(json.dumps({"weights": weights}))
+    assert start_unet(None, tmp_path) is None
+    assert start_unet("train:3f2a", tmp_path) == str(tmp_path / "train" / "3f2a9c0000000000"
+                                                      / "unet")
+    assert start_unet("/models/sft-unet", tmp_path) == "/models/sft-unet"
+    with pytest.raises(SmpoError, match="name the train output by its key"):
+        start_unet("train:latest", tmp_path)
+    with pytest.raises(SmpoError, match="wrote lora weights, not a whole UNet"):
+        start_unet("train:77aa", tmp_path)
+    with pytest.raises(SmpoError, match="no finished train output"):
+        start_unet("train:ffff", tmp_path)
