@@ -22,6 +22,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from smpo_core import faults
 from smpo_core.errors import SmpoError
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import add_lora, resolve_device, resolve_dtype, save_lora
@@ -154,6 +155,7 @@ def fit(
         if main:
             save_train_state(state_file, accelerator.unwrap_model(policy), optimizer, schedule,
                              step, history)
+            faults.reached("train.checkpoint")
         accelerator.wait_for_everyone()
 
     train_loop(policy, reference, data, alphas_cumprod, step_cfg, loop, optimizer, schedule,
