@@ -59,7 +59,7 @@ def check_writable(root: Path) -> None:
         with tempfile.TemporaryFile(dir=existing):  # unnamed, gone when closed
             pass
     except OSError as exc:
-        raise disk_error(exc, f"store {root}") or SmpoError(
+        raise disk_error(exc, f"store {root}", existing) or SmpoError(
             f"store {root}: cannot write there ({exc.strerror or exc}); choose another "
             f"--store") from None
 

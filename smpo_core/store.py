@@ -179,9 +179,10 @@ _DISK_REMEDIES = {
 }
 
 
-def disk_error(exc: BaseException, what: str) -> SmpoError | None:
-    """A full disk or an unwritable store as one line naming the path and the remedy; None
-    for any other error. SQLite reports these in words, not errno."""
+def disk_error(exc: BaseException, what: str, path: Path | None = None) -> SmpoError | None:
+    """A full disk or an unwritable store as one line naming the path (`path`, else the
+    error's file) and the remedy; None for any other error. SQLite reports these in words,
+    not errno."""
     message = str(exc).lower()
     code = getattr(exc, "errno", None)
     if code not in _DISK_REMEDIES:
@@ -191,7 +192,7 @@ def disk_error(exc: BaseException, what: str) -> SmpoError | None:
             code = errno.EROFS
         else:
             return None
-    path = getattr(exc, "filename", None) or what
+    path = path or getattr(exc, "filename", None) or what
     reason = os.strerror(code)
     return SmpoError(f"{what}: cannot write {path} ({reason}); {_DISK_REMEDIES[code]}, then "
                      f"rerun: completed work is kept and the stage resumes")

@@ -26,9 +26,9 @@ from smpo_core.errors import SmpoError, first_line
 from smpo_core.store import Store
 
 # MLflow's HTTP client retries a refused connection 7 times with exponential backoff and waits
-# 120 s per request: minutes per call once a server is gone. Seconds are enough to tell.
-for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "1"),
-                      ("MLFLOW_HTTP_REQUEST_BACKOFF_FACTOR", "1"),
+# 120 s per request: minutes per call once a server is gone. A refused connection is final
+# and 10 s tell a hung server; what a lost run missed is logged later anyway (resync).
+for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
                       ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
     os.environ.setdefault(_name, _value)
 
@@ -44,10 +44,10 @@ def tracking_lost(uri: str) -> str | None:
 def _lose(uri: str, exc: BaseException) -> None:
     if uri in _LOST:
         return
-    _LOST[uri] = f"{type(exc).__name__}: {first_line(exc)}"
+    _LOST[uri] = f"{type(exc).__name__}: {first_line(exc)}"[:200]
     logging.getLogger("smpo").warning(
         "tracking: MLflow at %s failed (%s); the run goes on untracked and is logged there "
-        "by the next run or `smpo sync` once it answers", uri, _LOST[uri][:300])
+        "by the next run or `smpo sync` once it answers", uri, _LOST[uri])
 
 
 class Tracker:

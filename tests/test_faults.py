@@ -30,7 +30,7 @@ REPO = Path(__file__).resolve().parents[1]
 SMALL = ["download.shard_rows=160", "invert.max_pairs=32", "invert.shard_pairs=16",
          "invert.batch_size=8", "train.max_steps=4", "train.checkpoint_every=2",
          "train.warmup_steps=1", "evaluate.num_prompts=4", "evaluate.chunk_prompts=2",
-         "evaluate.bootstrap_resamples=50"]
+         "evaluate.bootstrap_resamples=50", "evaluate.metrics={clipscore: builtin:tiny-clip}"]
 TRAIN_STAGES = ["download", "score", "invert", "train"]
 
 
@@ -305,3 +305,89 @@ def test_a_full_disk_is_one_line_and_the_stage_resumes_once_there_is_room(tmp_pa
         assert resumed.key == clean.key and not resumed.reused
         assert _pairs(out).equals(_pairs(Path(clean.path)))  # ... and resumed from
         assert not list(out.glob(".*.partial"))
+
+
+# --- the pieces, without a pipeline -----------------------------------------------------------
+
+
+_HOLD_AND_SLEEP = """
+import sys, time
+from smpo_core.store import Store
+with Store(sys.argv[1]).lock("train-abc"):
+    print("held", flush=True)
+    time.sleep(600)
+"""
+
+
+def test_a_stage_lock_dies_with_its_process(tmp_path):
+    """A kill -9 of the process computing a stage output never leaves a stale lock: the
+    kernel drops its flock and a waiting run goes on at once."""
+    from smpo_core.store import Store
+
+    holder = subprocess.Popen([sys.executable, "-c", _HOLD_AND_SLEEP, str(tmp_path)], cwd=REPO,
+                              stdout=subprocess.PIPE, text=True)
+    assert holder.stdout.readline().strip() == "held"
+    waited = []
+
+    def kill_holder():
+        waited.append(time.monotonic())
+        holder.send_signal(signal.SIGKILL)
+
+    with Store(tmp_path).lock("train-abc", on_wait=kill_holder):
+        acquired = time.monotonic()
+    assert holder.wait(timeout=30) == -signal.SIGKILL
+    assert len(waited) == 1 and acquired - waited[0] < 10
+    with Store(tmp_path).lock("train-abc", on_wait=lambda: pytest.fail("stale lock")):
+        pass
+
+
+def test_an_unreachable_tracking_server_costs_one_warning_and_seconds(caplog):
+    from stages import tracking
+
+    uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
+    client = MlflowClient(uri)
+    started = time.monotonic()
+    with caplog.at_level("WARNING", logger="smpo"), \
+            tracking.run(client, "0", "train", {"smpo.stage": "train"}) as tracker:
+        tracker.params({"train": {"beta": 2000}})
+        tracker.metrics({"loss": 0.5}, step=1)
+        tracker.artifact(Path(__file__))
+    assert tracker.lost and tracker.run_id is None
+    assert time.monotonic() - started < 30
+    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
+    assert len(warnings) == 1 and warnings[0].startswith(f"tracking: MLflow at {uri} failed (")
+
+
+def test_sync_logs_what_was_missed_and_closes_runs_of_dead_processes(tmp_path):
+    from smpo_core.store import write_json
+    from stages import resync, tracking
+
+    uri = f"sqlite:///{tmp_path / 'mlflow.db'}"
+    client = MlflowClient(uri)
+    experiment = tracking.experiment_id(client, uri, tmp_path)
+    host = socket.gethostname()
+    dead = client.create_run(experiment, tags={"smpo.process": f"{host}:999999999:1.00"})
+    alive = client.create_run(experiment, tags={"smpo.process": tracking.process_tag()})
+    elsewhere = client.create_run(experiment, tags={"smpo.process": "other-host:1:1.00"})
+    assert resync.close_stale_runs(client, experiment) == 1
+    status = {run: client.get_run(run.info.run_id).info.status
+              for run in (dead, alive, elsewhere)}
+    assert list(status.values()) == ["KILLED", "RUNNING", "RUNNING"]
+
+    output = tmp_path / "train" / "k1"
+    write_json(output / "manifest.json", {"steps": 12, "settings": {"train": {"beta": 2000.0}}})
+    resync.record(tmp_path, "stage", "flow1", {
+        "stage": "train", "path": str(output), "tags": {"smpo.stage": "train",
+                                                        "smpo.key": "k1"},
+        "parent_run_id": None})
+    resync.record(tmp_path, "flow", "flow1", {"run_id": None, "name": "smpo tiny",
+                                              "tags": {"smpo.profile": "tiny"},
+                                              "status": "FINISHED"})
+    assert resync.sync(client, experiment, tmp_path) == 2
+    assert not resync.pending(tmp_path)
+    [train] = client.search_runs([experiment], "tags.`smpo.stage` = 'train'")
+    assert train.info.status == "FINISHED" and train.data.tags["smpo.synced"] == "true"
+    assert train.data.metrics["manifest.steps"] == 12
+    assert train.data.params["train.beta"] == "2000.0"
+    parent = client.get_run(train.data.tags["mlflow.parentRunId"])
+    assert parent.info.status == "FINISHED" and parent.data.tags["smpo.profile"] == "tiny"
