@@ -197,7 +197,7 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.integration
-def test_a_tracking_server_killed_during_train_costs_the_run_nothing(clean_store, tmp_path):
+def test_a_tracking_server_killed_during_train_costs_the_run_nothing(tmp_path):
     """The MLflow server dies while train runs: one warning line, the run finishes in
     seconds more, its outputs equal a clean run's; `smpo sync` logs what was missed once the
     server is back, and closes what was left RUNNING."""
