@@ -16,6 +16,7 @@ from smpo_core.pickapic import (
     download_pairs,
     is_transient,
     open_source,
+    pair_shards,
     quarantine_files,
     source_fingerprint,
 )
@@ -88,6 +89,12 @@ def compute(run: StageRun) -> dict[str, Any]:
             f"{state.source_rows} source rows (dropped: {dropped}); check download.split and "
             f"that the source holds labelled Pick-a-Pic pairs"
         )
+    on_disk = sum(pq.read_metadata(f).num_rows for f in pair_shards(run.out_dir))
+    if on_disk != state.pairs or len(pair_shards(run.out_dir)) != state.shards:
+        raise SmpoError(f"download {run.out_dir}: {on_disk} pairs in "
+                        f"{len(pair_shards(run.out_dir))} shards on disk, but {state.pairs} in "
+                        f"{state.shards} recorded; not marking it complete: rerun with --force "
+                        f"download")
     side_files = quarantine_files(run.out_dir)
     return {"source": cfg.source, "source_kind": source.kind, "source_location": source.location,
             "source_revision": source.revision, "source_files": len(source.files),
