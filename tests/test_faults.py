@@ -197,52 +197,60 @@ def _stop(process: subprocess.Popen) -> None:
 
 
 @pytest.mark.integration
-def test_a_tracking_server_killed_during_train_costs_the_run_nothing(tmp_path):
-    """The MLflow server dies while train runs: one warning line, the run finishes in
-    seconds more, its outputs equal a clean run's; `smpo sync` logs what was missed once the
-    server is back, and closes what was left RUNNING."""
+def test_a_tracking_server_killed_during_a_stage_costs_the_stage_nothing(tmp_path):
+    """A real MLflow server dies while a stage computes (the stage kills it at a fixed point,
+    then logs per-step metrics as train does): one warning line, seconds, the stage's output
+    and manifest complete. Once the server is back, the next run's recovery logs the missed
+    stage under its parent and closes the parent the dead server kept RUNNING."""
+    from smpo_core.settings import load_settings
+    from stages import resync, tracking
+    from stages.common import RunContext, run_stage
+
     port, backend, artifacts = _free_port(), tmp_path / "mlflow.db", tmp_path / "artifacts"
-    server = _mlflow_server(backend, artifacts, port)
     uri = f"http://127.0.0.1:{port}"
-    store = tmp_path / "store"
+    server = _mlflow_server(backend, artifacts, port)
     try:
-        run = smpo(store, "train", wait=False, env={"MLFLOW_TRACKING_URI": uri},
-                   settings=[*SMALL, "train.max_steps=12", "train.checkpoint_every=4"])
-        deadline = time.monotonic() + 600
-        # Killed once training has checkpointed: 8 of its 12 steps are still to come.
-        while not list(store.glob("train/*/train_state*")) and run.poll() is None:
-            assert time.monotonic() < deadline
-            time.sleep(0.1)
-        _stop(server)
-        lost_at = time.monotonic()
-        out, err = run.communicate(timeout=600)
-        after_loss = time.monotonic() - lost_at
+        client = MlflowClient(uri)
+        experiment = tracking.experiment_id(client, uri, tmp_path)
+        store = tmp_path / "store"
+
+        def compute(run):
+            run.tracker.metrics({"loss": 1.0}, step=1)  # tracked while the server lives
+            _stop(server)
+            started = time.monotonic()
+            for step in range(2, 12):
+                run.tracker.metrics({"loss": 1.0 / step}, step=step)
+            (run.out_dir / "weights.bin").write_bytes(b"trained")
+            return {"steps": 11, "tracking_seconds": time.monotonic() - started}
+
+        with smpo_warnings() as warnings, \
+                tracking.run(client, experiment, "smpo tiny", {}) as parent:
+            ctx = RunContext(load_settings("tiny"), str(store), uri, experiment,
+                             parent.run_id, flow_id="flow1")
+            result = run_stage(ctx, "train", {}, compute)
     finally:
         _stop(server)
-    assert run.returncode == 0, err[-3000:]
-    warnings = [line for line in err.splitlines() if f"tracking: MLflow at {uri} failed" in line]
-    assert len(warnings) == 1, err[-3000:]
-    assert after_loss < 60  # seconds of retries, not minutes
-    train_key = _stage_table(out)["train"][1]
-    assert (store / "train" / train_key / "manifest.json").is_file()
-    assert list((store / ".tracking-pending").glob("*.json"))
+    assert result.summary["steps"] == 11 and not result.reused
+    assert (Path(result.path) / "manifest.json").is_file()
+    assert result.summary["tracking_seconds"] < 30  # seconds, not MLflow's minutes of retries
+    assert [w.getMessage().split(" (")[0] for w in warnings] == [
+        f"tracking: MLflow at {uri} failed"]
+    assert [p.name.split("-")[1] for p in resync.pending(store)] == ["stage"]
 
     server = _mlflow_server(backend, artifacts, port)
     try:
-        synced = smpo(store, command="sync", env={"MLFLOW_TRACKING_URI": uri})
-        assert synced.returncode == 0, synced.stderr[-3000:]
-        assert "logged" in synced.stdout
-        assert not list((store / ".tracking-pending").glob("*.json"))
-        runs = runs_of(store, uri)
+        tracking._LOST.clear()  # a new process would start afresh
+        resync.recover(client, experiment, store)
+        runs = client.search_runs([experiment], max_results=100)
     finally:
         _stop(server)
-    assert not [r for r in runs if r.info.status == "RUNNING"]
-    [train] = [r for r in runs if r.data.tags.get("smpo.stage") == "train"
-               and r.info.status == "FINISHED"]
-    assert train.data.tags["smpo.key"] == train_key and train.data.tags["smpo.synced"] == "true"
-    assert train.data.metrics["manifest.steps"] == 12
-    parent = next(r for r in runs if r.info.run_id == train.data.tags["mlflow.parentRunId"])
-    assert parent.info.status == "FINISHED"
+    assert not resync.pending(store)
+    by_status = {(r.data.tags.get("smpo.stage", "parent"), r.info.status) for r in runs}
+    synced = [r for r in runs if r.data.tags.get("smpo.synced") == "true"]
+    assert len(synced) == 1 and synced[0].info.status == "FINISHED", by_status
+    assert synced[0].data.metrics["manifest.steps"] == 11
+    assert synced[0].data.tags["mlflow.parentRunId"] == parent.run_id
+    assert synced[0].data.tags["smpo.key"] == result.key
 
 
 # --- disk faults ------------------------------------------------------------------------------
@@ -307,6 +315,21 @@ def test_a_full_disk_is_one_line_and_the_stage_resumes_once_there_is_room(tmp_pa
         assert not list(out.glob(".*.partial"))
 
 
+@contextlib.contextmanager
+def smpo_warnings():
+    """The warnings of the `smpo` logger, whatever handlers Prefect's logging set-up gave it."""
+    import logging
+
+    records: list[logging.LogRecord] = []
+    handler = logging.Handler(logging.WARNING)
+    handler.emit = records.append
+    logging.getLogger("smpo").addHandler(handler)
+    try:
+        yield records
+    finally:
+        logging.getLogger("smpo").removeHandler(handler)
+
+
 # --- the pieces, without a pipeline -----------------------------------------------------------
 
 
@@ -341,21 +364,21 @@ def test_a_stage_lock_dies_with_its_process(tmp_path):
         pass
 
 
-def test_an_unreachable_tracking_server_costs_one_warning_and_seconds(caplog):
+def test_an_unreachable_tracking_server_costs_one_warning_and_seconds():
     from stages import tracking
 
     uri = f"http://127.0.0.1:{_free_port()}"  # nothing listens there
     client = MlflowClient(uri)
     started = time.monotonic()
-    with caplog.at_level("WARNING", logger="smpo"), \
+    with smpo_warnings() as warnings, \
             tracking.run(client, "0", "train", {"smpo.stage": "train"}) as tracker:
         tracker.params({"train": {"beta": 2000}})
         tracker.metrics({"loss": 0.5}, step=1)
         tracker.artifact(Path(__file__))
     assert tracker.lost and tracker.run_id is None
     assert time.monotonic() - started < 30
-    warnings = [r.getMessage() for r in caplog.records if r.levelname == "WARNING"]
-    assert len(warnings) == 1 and warnings[0].startswith(f"tracking: MLflow at {uri} failed (")
+    assert [w.getMessage().split(" (")[0] for w in warnings] == [
+        f"tracking: MLflow at {uri} failed"]
 
 
 def test_sync_logs_what_was_missed_and_closes_runs_of_dead_processes(tmp_path):
