@@ -46,7 +46,7 @@ def smpo(store: Path, *args: str, env: dict[str, str] | None = None, wait: bool 
                                stderr=subprocess.PIPE, text=True)
     if not wait:
         return process
-    out, err = process.communicate(timeout=900)
+    out, err = process.communicate(timeout=2400)
     return subprocess.CompletedProcess(argv, process.returncode, out, err)
 
 
@@ -148,7 +148,7 @@ def test_concurrent_runs_on_one_fresh_store_compute_each_key_once(clean_store, t
         [f"train.beta={beta}"] if beta else [])) for beta in betas]
     tables = []
     for process in processes:
-        out, err = process.communicate(timeout=900)
+        out, err = process.communicate(timeout=2400)
         assert process.returncode == 0, err[-3000:]
         tables.append(_stage_table(out))
     computed: dict[tuple[str, str], int] = {}
