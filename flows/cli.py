@@ -4,6 +4,8 @@
     smpo run train evaluate          those stages (upstream reused, built if missing)
     smpo run --profile sd15 --set train.beta=5000 --force train
     smpo settings [--profile P]      every setting: value, where it comes from, meaning
+    smpo sync [--store S]            log to MLflow what runs could not (tracking server down),
+                                     close runs that dead processes left RUNNING
     smpo compare base tuned=train:latest lora:/models/x --set evaluate.prompts=hpdv2-test
                                      models on the same prompts and seeds: table, grid, report
 """
@@ -28,6 +30,7 @@ from smpo_core.settings import (
     parse_override,
     read_profile,
 )
+from smpo_core.store import disk_error
 
 
 def _parser() -> argparse.ArgumentParser:
@@ -46,6 +49,9 @@ def _parser() -> argparse.ArgumentParser:
                           f"{Environment.model_fields['store'].default})")
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="recompute this stage even if its output exists (repeatable)")
+    sync = sub.add_parser("sync", help="log what runs could not track (server down) and "
+                          "close runs left RUNNING by dead processes")
+    sync.add_argument("--store", default=None, help="stage store folder (as for run)")
     show = sub.add_parser("settings", help="explain every setting of a profile")
     _common(show)
     compare = sub.add_parser(
@@ -126,6 +132,8 @@ def main(argv: list[str] | None = None) -> int:
             return 0
         if args.command == "compare":
             return _compare(args)
+        if args.command == "sync":
+            return _sync(Path(args.store or environment().store).expanduser().resolve())
         store = args.store or str(environment().store)
         request = dict(stages=args.stages or None, profile=args.profile,
                        overrides=args.overrides, store=store, force=args.force)
@@ -138,8 +146,29 @@ def main(argv: list[str] | None = None) -> int:
     except SmpoError as exc:
         print(f"smpo: error: {exc}", file=sys.stderr)
         return 2
+    except OSError as exc:  # the disk filled up or turned read-only outside a stage
+        if error := disk_error(exc, f"store {args.store or environment().store}"):
+            print(f"smpo: error: {error}", file=sys.stderr)
+            return 2
+        raise
     print_table(rows)
     _print_next_steps(Path(store).expanduser().resolve(), rows)
+    return 0
+
+
+def _sync(store: Path) -> int:
+    from mlflow.tracking import MlflowClient
+
+    from flows.plan import check_reachable
+    from stages import resync, tracking
+
+    uri = tracking_uri(store)
+    check_reachable(uri)
+    client = MlflowClient(uri)
+    experiment = tracking.experiment_id(client, uri, store)
+    closed = resync.close_stale_runs(client, experiment)
+    logged = resync.sync(client, experiment, store)
+    print(f"{uri}: logged {logged} pending runs, closed {closed} runs left RUNNING")
     return 0
 
 

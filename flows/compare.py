@@ -66,7 +66,9 @@ def plan_comparison(models: list[str], profile: str = "tiny",
     check_reachable(uri)
     root.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(uri)
-    ctx = RunContext(settings, str(root), uri, tracking.experiment_id(client, uri, root))
+    with Store(root).lock("mlflow"):  # a fresh database is set up by one process at a time
+        experiment = tracking.experiment_id(client, uri, root)
+    ctx = RunContext(settings, str(root), uri, experiment)
     find_run = functools.partial(tracking.train_output_of_run, client)
     specs = [resolve_model(text, settings, root, find_run) for text in models]
     metrics = metric_specs(ctx)

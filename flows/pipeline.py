@@ -14,6 +14,7 @@ from __future__ import annotations
 
 import subprocess
 import time
+import uuid
 from pathlib import Path
 from typing import Any
 
@@ -22,7 +23,8 @@ from prefect import flow, runtime
 
 from flows.plan import RunPlan, plan_run
 from smpo_core.settings import STAGES
-from stages import tracking
+from smpo_core.store import Store
+from stages import resync, tracking
 from stages.common import RunContext, StageResult, stage_task
 
 
@@ -73,7 +75,11 @@ def smpo(
     settings = run.settings
     run.store.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(run.tracking_uri)
-    experiment = tracking.experiment_id(client, run.tracking_uri, run.store)
+    # The first client of a fresh SQLite database creates its tables: one process at a time,
+    # or two runs started together race in MLflow's migrations.
+    with Store(run.store).lock("mlflow"):
+        experiment = tracking.experiment_id(client, run.tracking_uri, run.store)
+        resync.recover(client, experiment, run.store)
     tags = {"prefect.flow_run_id": runtime.flow_run.id or "", "smpo.profile": settings.profile,
             "smpo.code_version": code_version(), "smpo.stages": ",".join(run.stages),
             "smpo.overrides": " ".join(overrides or [])}
@@ -83,10 +89,15 @@ def smpo(
     with tracking.run(client, experiment, f"smpo {settings.profile} {started}", tags) as parent:
         parent.params({"profile": settings.profile, "stages": ",".join(run.stages),
                        "store": str(run.store)})
-        ctx = RunContext(settings, str(run.store), run.tracking_uri, experiment, parent.run_id)
+        ctx = RunContext(settings, str(run.store), run.tracking_uri, experiment, parent.run_id,
+                         flow_id=uuid.uuid4().hex[:12])
         results: dict[str, StageResult] = {}
         for stage in run.stages:
             inputs = {name: results[name] for name in STAGES[stage].upstream}
             results[stage] = stage_task(stage)(ctx, inputs, force=stage in run.forced)
         parent.tags({"smpo.ran": ",".join(s for s, r in results.items() if not r.reused)})
+    if parent.lost:
+        resync.record(run.store, "flow", ctx.flow_id, {
+            "run_id": parent.run_id, "name": f"smpo {settings.profile} {started}",
+            "tags": tags, "status": "FINISHED"})
     return [result.as_dict() for result in results.values()]

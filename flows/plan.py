@@ -7,6 +7,7 @@ Cheap to import (no Prefect, MLflow or torch): bad input is reported in a fracti
 from __future__ import annotations
 
 import socket
+import tempfile
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -16,7 +17,7 @@ from smpo_core.errors import SmpoError
 from smpo_core.pickapic import describe_source, iter_source
 from smpo_core.refs import CHECKPOINT_SUFFIXES, is_hub_file, looks_local
 from smpo_core.settings import Settings, check_stages, load_settings, with_upstream
-from smpo_core.store import Store
+from smpo_core.store import Store, disk_error
 from smpo_core.worlds import builtins
 
 
@@ -41,10 +42,26 @@ def plan_run(stages: list[str] | None, profile: str, overrides: list[str] | None
     root = Path(store or environment().store).expanduser().resolve()
     if root.exists() and not root.is_dir():
         raise SmpoError(f"store {str(root)!r}: is a file; expected a folder (or none yet)")
+    check_writable(root)
     uri = tracking_uri(root)
     check_reachable(uri)
     preflight(settings, root, plan)
     return RunPlan(settings, plan, forced, root, uri)
+
+
+def check_writable(root: Path) -> None:
+    """A store that cannot take a file (read-only, not ours, full) fails here, in one line,
+    before any stage runs."""
+    existing = root
+    while not existing.exists():  # a new store is made where its nearest folder is
+        existing = existing.parent
+    try:
+        with tempfile.TemporaryFile(dir=existing):  # unnamed, gone when closed
+            pass
+    except OSError as exc:
+        raise disk_error(exc, f"store {root}", existing) or SmpoError(
+            f"store {root}: cannot write there ({exc.strerror or exc}); choose another "
+            f"--store") from None
 
 
 def tracking_uri(store_root: Path) -> str:

@@ -42,6 +42,10 @@ class Environment(BaseSettings):
     work_pool: str = Field(
         "smpo-local", pattern=r"^[^/%&><]+$", description="`make serve`: the Prefect work pool "
         "(process type) whose worker runs the deployments; no / % & > or <.")
+    fault: str | None = Field(
+        None, pattern=r"^[a-z]+\.[a-z]+:[1-9][0-9]*$", description="Tests only: `POINT:N` "
+        "kills the process (SIGKILL) the N-th time it passes POINT, e.g. invert.shard:1 "
+        "(smpo_core/faults.py lists the points).")
     tracking_uri: str | None = Field(
         None, validation_alias="MLFLOW_TRACKING_URI", description="Where runs are logged: an "
         "MLflow server (http://...) or database URI; unset: sqlite:///<store>/mlflow.db.")

@@ -32,6 +32,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 
+from smpo_core import faults
 from smpo_core.errors import SmpoError
 from smpo_core.generation import (
     SEED_STRIDE,
@@ -222,6 +223,7 @@ def _score(metric: MetricSpec, folders: dict[str, ImageFolder], prompts: PromptS
                               batch_size=cfg.metric_batch_size)
             scores = model.published(raw)
             store.write(chunk_jobs, scores)
+            faults.reached("evaluate.chunk")
             kept[label].update(zip((j.name for j in chunk_jobs), scores.tolist(), strict=True))
             bar.update(len(chunk_jobs))
     bar.close()

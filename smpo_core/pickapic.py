@@ -14,6 +14,7 @@ resumes after its last complete shard and ends with exactly the rows a clean run
 from __future__ import annotations
 
 import contextlib
+import hashlib
 import io
 import json
 import math
@@ -29,6 +30,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 from PIL import Image
 
+from smpo_core import faults
 from smpo_core.errors import SmpoError, first_line
 from smpo_core.refs import looks_local
 from smpo_core.schema import PAIRS_SCHEMA, PICKAPIC_SCHEMA
@@ -40,7 +42,8 @@ REQUIRED_COLUMNS = (
     "ranking_id",
 )
 OPTIONAL_DEFAULTS = {"model_0": "", "model_1": "", "user_id": -1, "are_different": True}
-DROP_REASONS = ("no_label", "tie", "identical", "corrupt_jpeg", "duplicate_pair")
+DROP_REASONS = ("no_label", "tie", "identical", "corrupt_jpeg", "duplicate_pair",
+                "bad_caption", "image_size")
 QUARANTINE_SCHEMA = pa.schema(
     [("pair_id", pa.int64()), ("image", pa.string()), ("error", pa.string()),
      ("jpg", pa.binary())]
@@ -214,6 +217,33 @@ def open_source(source: str, split: str, revision: str | None = None) -> Pickapi
     return PickapicSource(kind, source, split, files)
 
 
+# Bytes read from the end of each file for its fingerprint: a Parquet footer (schema, row
+# group offsets, sizes and statistics) and the last data pages; an Arrow stream's last batch.
+_FINGERPRINT_TAIL = 64 * 1024
+
+
+def source_fingerprint(source: str) -> str | None:
+    """A hash of a local source's files (relative names, sizes, last 64 KiB of each), or None
+    for a hub source (read at a pinned commit). It enters the download key, so a file fixed or
+    replaced in place is read again instead of reusing, or resuming from, what the old file
+    gave. Content, not modification times: identical files rewritten keep the key (the builtin
+    source, rebuilt in another store, gives the same key)."""
+    path = Path(source).expanduser()
+    if not path.is_dir():
+        return None
+    digest = hashlib.sha256()
+    for file in sorted(f for f in path.rglob("*") if f.is_file()):
+        relative = file.relative_to(path).as_posix()
+        if any(part.startswith(".") for part in relative.split("/")):
+            continue
+        size = file.stat().st_size
+        digest.update(f"{relative}\0{size}\0".encode())
+        with file.open("rb") as handle:
+            handle.seek(max(0, size - _FINGERPRINT_TAIL))
+            digest.update(handle.read())
+    return digest.hexdigest()[:16]
+
+
 def iter_source(
     source: str, split: str, revision: str | None = None, batch_rows: int = BATCH_ROWS,
     skip_rows: int = 0,
@@ -251,7 +281,11 @@ def _open_local(file: str) -> Any:
 
 
 def _parquet_batches(files: list[str], open_file: Callable[[str], Any], skip_rows: int,
-                     batch_rows: int, origin: Callable[[str], str] = str) -> Iterator[RowBatch]:
+                     batch_rows: int, origin: Callable[[str], str] = str,
+                     damaged_error: type[BaseException] | tuple = (OSError, pa.ArrowException)
+                     ) -> Iterator[RowBatch]:
+    """`damaged_error`: the read errors that mean a damaged file (over HTTP an OSError may be
+    the network instead, which the caller reports)."""
     start = 0
     for file in files:
         with open_file(file) as handle:
@@ -270,10 +304,27 @@ def _parquet_batches(files: list[str], open_file: Callable[[str], Any], skip_row
                     groups.append(group)
             # The reader holds one row group at a time: memory is bounded by the largest row
             # group, not by the file or the dataset.
-            tables = parquet.iter_batches(batch_size=batch_rows, row_groups=groups,
-                                          use_threads=False)
-            yield from _slices(tables, origin(file), start, skip_rows, batch_rows)
-            start += sum(meta.row_group(g).num_rows for g in groups)
+            for group in groups:
+                tables = _row_group(parquet, group, batch_rows, origin(file), damaged_error)
+                yield from _slices(tables, origin(file), start, skip_rows, batch_rows)
+                start += meta.row_group(group).num_rows
+
+
+def _row_group(parquet: pq.ParquetFile, group: int, batch_rows: int, origin: str,
+               damaged_error: type[BaseException]) -> Iterator[pa.RecordBatch]:
+    """One row group's record batches; a read error (a corrupt page, bad compression, a
+    truncated column) anywhere in it is one line naming the file and the row group."""
+    try:
+        yield from parquet.iter_batches(batch_size=batch_rows, row_groups=[group],
+                                        use_threads=False)
+    except damaged_error as exc:
+        first = sum(parquet.metadata.row_group(g).num_rows for g in range(group))
+        rows = parquet.metadata.row_group(group).num_rows
+        raise SmpoError(
+            f"{origin}: row group {group} of {parquet.metadata.num_row_groups} (rows {first} to "
+            f"{first + rows - 1} of the file) cannot be read ({type(exc).__name__}: "
+            f"{first_line(exc)}); the file is damaged: replace it with a good copy or remove it "
+            f"from the source") from exc
 
 
 def _saved_files(folder: Path, split: str) -> list[str]:
@@ -310,9 +361,20 @@ def _arrow_batches(files: list[str], skip_rows: int, batch_rows: int) -> Iterato
         # once touched, so RSS would grow with the dataset.
         with pa.OSFile(file) as handle:
             reader = pa.ipc.open_stream(handle)
-            for batch in reader:
+            number = 0
+            while True:
+                try:
+                    batch = reader.read_next_batch()
+                except StopIteration:
+                    break
+                except (OSError, pa.ArrowException) as exc:
+                    raise SmpoError(
+                        f"{file}: record batch {number} (from row {start}) cannot be read "
+                        f"({type(exc).__name__}: {first_line(exc)}); the file is damaged: "
+                        f"save the dataset again (datasets.save_to_disk)") from exc
                 yield from _slices([batch], file, start, skip_rows, batch_rows)
                 start += batch.num_rows
+                number += 1
 
 
 # --- the hub --------------------------------------------------------------------------------
@@ -430,7 +492,8 @@ def _hub_batches(source: PickapicSource, skip_rows: int, batch_rows: int) -> Ite
         return f"hf://{root}/{name}"
 
     try:
-        yield from _parquet_batches(source.files, open_file, skip_rows, batch_rows, origin)
+        yield from _parquet_batches(source.files, open_file, skip_rows, batch_rows, origin,
+                                    damaged_error=pa.ArrowInvalid)
     except SmpoError:
         raise
     except Exception as exc:
@@ -442,26 +505,45 @@ def _hub_batches(source: PickapicSource, skip_rows: int, batch_rows: int) -> Ite
 # --- filtering and writing shards -----------------------------------------------------------
 
 
-def jpeg_error(data: bytes | None) -> str | None:
-    """None if the bytes decode to an image, else why not."""
+@dataclass(frozen=True)
+class ImageLimits:
+    """Image sizes a pair may have: a shorter side of at least `min_side` pixels (a 1x1 image
+    cannot train at any resolution) and at most `max_pixels` pixels (PIL's own bound against
+    decompression bombs: larger images are dropped from their header, never decoded)."""
+
+    min_side: int = 64
+    max_pixels: int = 89_478_485
+
+
+def jpeg_error(data: bytes | None, limits: ImageLimits | None = None) -> tuple[str, str] | None:
+    """None if the bytes decode to an image within `limits`, else (drop reason, why)."""
     if not data:
-        return "empty image bytes"
+        return "corrupt_jpeg", "empty image bytes"
     try:
         with Image.open(io.BytesIO(data)) as image:
+            width, height = image.size  # from the header, before any pixel is decoded
+            if limits and min(width, height) < limits.min_side:
+                return "image_size", f"{width}x{height}: shorter side below {limits.min_side} px"
+            if limits and width * height > limits.max_pixels:
+                return "image_size", f"{width}x{height}: above {limits.max_pixels} pixels"
             # Decoding at reduced scale reads the whole stream (so truncation still fails)
             # at a fraction of the cost of a full-size decode.
             image.draft("RGB", (64, 64))
             image.load()
+    except Image.DecompressionBombError as exc:  # over twice PIL's bound: refused by Image.open
+        return "image_size", str(exc)
     except Exception as exc:  # PIL raises many types for bad data; all mean "unusable"
-        return f"{type(exc).__name__}: {exc}"
+        return "corrupt_jpeg", f"{type(exc).__name__}: {exc}"
     return None
 
 
-def classify(row: dict, seen_pairs: set[int]) -> tuple[str | None, list[tuple[str, str]]]:
-    """Why a source row cannot train (a DROP_REASONS entry) or None, plus JPEG errors found.
+def classify(row: dict, seen_pairs: set[int], limits: ImageLimits | None = None
+             ) -> tuple[str | None, list[tuple[str, str]]]:
+    """Why a source row cannot train (a DROP_REASONS entry) or None, plus JPEG errors found
+    (the images to quarantine).
 
-    `row` holds the `_CLASSIFY_COLUMNS` present in the source and `jpg_0`, `jpg_1`;
-    `seen_pairs` the ids of the pairs kept so far.
+    `row` holds the `_CLASSIFY_COLUMNS` present in the source, `jpg_0`, `jpg_1` and, when
+    checked, `caption` as bytes; `seen_pairs` the ids of the pairs kept so far.
     """
     label = row["label_0"]
     if not row["has_label"] or label is None or math.isnan(label):
@@ -474,8 +556,25 @@ def classify(row: dict, seen_pairs: set[int]) -> tuple[str | None, list[tuple[st
         return "identical", []
     if row["ranking_id"] in seen_pairs:
         return "duplicate_pair", []
-    errors = [(f"jpg_{i}", err) for i in (0, 1) if (err := jpeg_error(row[f"jpg_{i}"]))]
-    return ("corrupt_jpeg", errors) if errors else (None, [])
+    if not _decodes_as_text(row.get("caption", b"")):
+        return "bad_caption", []
+    problems = {f"jpg_{i}": problem for i in (0, 1)
+                if (problem := jpeg_error(row[f"jpg_{i}"], limits))}
+    errors = [(image, why) for image, (reason, why) in problems.items()
+              if reason == "corrupt_jpeg"]
+    if errors:
+        return "corrupt_jpeg", errors
+    return ("image_size", []) if problems else (None, [])
+
+
+def _decodes_as_text(caption: bytes | None) -> bool:
+    """Invalid UTF-8 in a string column: Parquet and Arrow store it unchecked, and only a
+    later read (tokenising a caption) would fail on it."""
+    try:
+        (caption or b"").decode("utf-8")
+    except UnicodeDecodeError:
+        return False
+    return True
 
 
 def _to_pairs(table: pa.Table) -> pa.Table:
@@ -569,6 +668,7 @@ def download_pairs(
     shard_rows: int,
     max_pairs: int | None = None,
     on_progress: Callable[[DownloadProgress], None] | None = None,
+    limits: ImageLimits | None = None,
 ) -> DownloadProgress:
     """Filter source rows into `pairs-NNNNN.parquet` shards of `shard_rows` usable pairs.
 
@@ -596,6 +696,7 @@ def download_pairs(
         state.source_rows = position
         state.dropped.update(shard.dropped)
         state.save(out_dir)
+        faults.reached("download.shard")
         shard = None
         if on_progress:
             on_progress(state)
@@ -609,14 +710,17 @@ def download_pairs(
         skip = max(0, state.source_rows - start)
         table, start = batch.table.slice(skip), start + skip
         next_row = start + table.num_rows
-        images = {name: table.column(name) for name in ("jpg_0", "jpg_1")}
+        # Read per row as needed. The caption as bytes: a string column holding invalid UTF-8
+        # would raise when read as str.
+        per_row = {name: table.column(name) for name in ("jpg_0", "jpg_1")}
+        per_row["caption"] = table.column("caption").cast(pa.large_binary())
         columns = [c for c in _CLASSIFY_COLUMNS if c in table.column_names]
         kept: list[int] = []  # rows of `table` for the shard, not yet written to it
         quarantine: list[dict] = []
         for i, row in enumerate(table.select(columns).to_pylist()):
             shard = shard or _ShardWriter(out_dir, state.shards)
-            row |= {name: column[i].as_py() for name, column in images.items()}
-            reason, errors = classify(row, seen_pairs)
+            row |= {name: column[i].as_py() for name, column in per_row.items()}
+            reason, errors = classify(row, seen_pairs, limits)
             if reason is None:
                 seen_pairs.add(row["ranking_id"])
                 kept.append(i)

@@ -30,6 +30,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from smpo_core import faults
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import (
     AdaptersDisabled,
@@ -208,6 +209,7 @@ def save_checkpoint(trainer: Trainer, step: int) -> None:
     if trainer.is_main:
         shutil.rmtree(final, ignore_errors=True)
         os.replace(partial, final)
+        faults.reached("train.checkpoint")
     accelerator.wait_for_everyone()
 
 

@@ -12,6 +12,7 @@ import pyarrow.parquet as pq
 import torch
 from PIL import Image
 
+from smpo_core import faults
 from smpo_core.errors import SmpoError
 from smpo_core.losses import human_weight
 from smpo_core.pickapic import iter_pairs, pair_shards
@@ -96,6 +97,7 @@ def score_unique_images(
                 pq.write_table(pa.table({"uid": pa.array(list(done), pa.string()),
                                          "reward": pa.array(list(done.values()), pa.float64())}),
                                tmp)
+            faults.reached("score.shard")
         scores.update(done)
         known.update(done)
     return scores

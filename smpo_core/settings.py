@@ -37,7 +37,8 @@ def runtime_setting(default: Any, description: str) -> Any:
 class Section(BaseModel):
     """One section of a profile (the model, or one stage's settings)."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # inf and nan are no setting's value: `train.beta=.inf` is refused, not trained with.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
 
     def result_settings(self) -> dict[str, Any]:
         """The settings that can change this stage's output: the part hashed into its key."""
@@ -83,7 +84,8 @@ class ModelSettings(Section):
         "hub id, or train:KEY (the UNet an earlier train run wrote into this store, e.g. with "
         "train.method=sft: SFT, then SmPO, as the paper's SD1.5 run). None: the base's UNet.",
     )
-    resolution: int = Field(512, gt=0, description="Training and evaluation image size, px.")
+    resolution: int = Field(512, gt=0, multiple_of=8, description="Training and evaluation "
+                            "image size, px; a multiple of 8, as diffusers pipelines require.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float16", description="Weights dtype of the frozen models (VAE, text encoder, reference)."
     )
@@ -101,6 +103,11 @@ class DownloadSettings(Section):
     revision: str | None = Field(None, description="Hub revision of the dataset.")
     split: str = Field("train", description="train, validation, test, validation_unique, ...")
     max_pairs: int | None = Field(None, gt=0, description="Stop after this many usable pairs.")
+    min_image_side: int = Field(64, gt=0, description="Pairs with an image whose shorter side "
+                                "is below this (px) are dropped as image_size.")
+    max_image_pixels: int = Field(89_478_485, gt=0, description="Pairs with an image of more "
+                                  "pixels are dropped as image_size, never decoded (PIL's "
+                                  "decompression-bomb bound).")
     shard_rows: int = runtime_setting(2048, "Rows per output Parquet shard.")
 
 
@@ -297,7 +304,7 @@ def _registry(*stages: Stage) -> dict[str, Stage]:
 #: Every stage, in an order where each comes after its upstream stages.
 STAGES: dict[str, Stage] = _registry(
     Stage("download", "Pick-a-Pic pairs from the source into normalised Parquet shards; ties, "
-          "unlabelled, identical and corrupt pairs dropped.", DownloadSettings, version="2"),
+          "unlabelled, identical and corrupt pairs dropped.", DownloadSettings, version="3"),
     Stage("score", "Every unique image scored by the reward model; pairs into soft labels p "
           "and w.", ScoreSettings, upstream=("download",)),
     Stage("invert", "ReNoise-inverted latent trajectories of the pairs, cached for training.",

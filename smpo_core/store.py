@@ -7,6 +7,7 @@ to a temporary name and renamed, so a crash never leaves a file that looks compl
 
 from __future__ import annotations
 
+import errno
 import hashlib
 import json
 import os
@@ -17,8 +18,15 @@ from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
+from filelock import FileLock, Timeout
+
+from smpo_core.errors import SmpoError
+
 MANIFEST = "manifest.json"
 PARTIAL = ".partial"  # the name ending of every file or folder still being written
+LOCKS = ".locks"  # the store's lock files, one per stage output (and one for MLflow set-up)
+
+
 def stage_key(
     stage: str, settings: dict[str, Any], input_keys: dict[str, str], version: str
 ) -> str:
@@ -106,6 +114,25 @@ class Store:
         """Where MLflow keeps the artifacts of runs tracked in the store."""
         return (self.root / "mlflow-artifacts").as_uri()
 
+    @contextmanager
+    def lock(self, name: str, on_wait: Callable[[], None] | None = None) -> Iterator[None]:
+        """Hold the store-wide lock `name` (e.g. one stage output): an OS file lock (flock),
+        so the kernel releases it when its process dies and a kill -9 leaves no stale lock.
+        `on_wait` is called once if another process holds it."""
+        path = self.root / LOCKS / f"{name}.lock"
+        path.parent.mkdir(parents=True, exist_ok=True)
+        lock = FileLock(path)
+        try:
+            lock.acquire(timeout=0)
+        except Timeout:
+            if on_wait:
+                on_wait()
+            lock.acquire()
+        try:
+            yield
+        finally:
+            lock.release()
+
     def is_complete(self, stage: str, key: str) -> bool:
         return (self.stage_dir(stage, key) / MANIFEST).is_file()
 
@@ -140,6 +167,35 @@ def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path
         if not (target / marker).exists():  # else a concurrent builder finished first
             raise
     return target
+
+
+# Write errors the user fixes outside smpo (space, permissions), and how.
+_DISK_REMEDIES = {
+    errno.ENOSPC: "free space there (or point --store / SMPO_STORE at a larger disk)",
+    errno.EDQUOT: "free space there or raise the quota",
+    errno.EROFS: "the filesystem is read-only: remount it writable or choose another --store",
+    errno.EACCES: "make it writable for this user or choose another --store",
+    errno.EPERM: "make it writable for this user or choose another --store",
+}
+
+
+def disk_error(exc: BaseException, what: str, path: Path | None = None) -> SmpoError | None:
+    """A full disk or an unwritable store as one line naming the path (`path`, else the
+    error's file) and the remedy; None for any other error. SQLite reports these in words,
+    not errno."""
+    message = str(exc).lower()
+    code = getattr(exc, "errno", None)
+    if code not in _DISK_REMEDIES:
+        if "disk is full" in message or "database or disk is full" in message:
+            code = errno.ENOSPC
+        elif "readonly database" in message or "read-only file system" in message:
+            code = errno.EROFS
+        else:
+            return None
+    path = path or getattr(exc, "filename", None) or what
+    reason = os.strerror(code)
+    return SmpoError(f"{what}: cannot write {path} ({reason}); {_DISK_REMEDIES[code]}, then "
+                     f"rerun: completed work is kept and the stage resumes")
 
 
 def folder_size(path: Path) -> int:

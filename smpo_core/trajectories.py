@@ -23,6 +23,7 @@ import torch
 from safetensors import safe_open
 from safetensors.torch import save_file
 
+from smpo_core import faults
 from smpo_core.errors import SmpoError
 from smpo_core.inversion import renoise_invert
 from smpo_core.models import (
@@ -102,6 +103,35 @@ def complete_shards(folder: Path) -> int:
     return len(list(Path(folder).glob("index-*.parquet")))
 
 
+def cached_pair_ids(folder: Path) -> list[int]:
+    """The pair ids the complete shards hold, in order (their index files, read from disk).
+
+    Shards must be numbered 0, 1, ... without a gap; anything else is not a cache this code
+    wrote, and resuming into it could duplicate or lose pairs."""
+    files = sorted(Path(folder).glob("index-*.parquet"))
+    ids: list[int] = []
+    for number, file in enumerate(files):
+        if file.name != f"index-{number:05d}.parquet":
+            raise SmpoError(f"trajectory cache {str(folder)!r}: {file.name} follows shard "
+                            f"{number - 1}; the folder is damaged: remove it (or rerun with "
+                            f"--force invert)")
+        ids += pq.read_table(file, columns=["pair_id"]).column("pair_id").to_pylist()
+    return ids
+
+
+def check_cache(folder: Path, pairs: int) -> None:
+    """What is on disk is what the manifest will say: `pairs` distinct pairs, each shard
+    present beside its index."""
+    ids = cached_pair_ids(folder)
+    missing = [n for n in range(complete_shards(folder))
+               if not (Path(folder) / f"shard-{n:05d}.safetensors").is_file()]
+    if len(ids) != pairs or len(set(ids)) != len(ids) or missing:
+        raise SmpoError(
+            f"trajectory cache {str(folder)!r}: {len(ids)} pairs ({len(set(ids))} distinct) "
+            f"indexed, shards missing: {missing or 'none'}, but {pairs} pairs were inverted; "
+            f"not marking it complete: rerun with --force invert")
+
+
 def write_shard(folder: Path, shard: int, pair_ids: list[int], batches: list[InvertedBatch]) -> int:
     """Write one shard and then its index; returns the bytes written."""
     tensors = {
@@ -142,9 +172,14 @@ def build_cache(
     shard_pairs: int,
     on_shard: Callable[[int, int], None] | None = None,
 ) -> dict[str, int]:
-    """Invert pairs shard by shard; shards already complete are skipped (resume after a crash)."""
+    """Invert pairs shard by shard; shards already complete are skipped (resume after a crash).
+
+    The pairs to skip are those the complete shards' indexes hold, not shards x `shard_pairs`:
+    a run resumed with another shard size (a runtime setting) continues after exactly the
+    pairs on disk, its new shards `shard_pairs` long."""
+    done_ids = cached_pair_ids(folder)
     done = complete_shards(folder)
-    skip = done * shard_pairs
+    skip = len(done_ids)
     shard, pairs, written = done, 0, 0
     ids: list[int] = []
     rows: list[dict[str, Any]] = []
@@ -159,6 +194,7 @@ def build_cache(
         nonlocal shard, written
         flush_batch()
         written += write_shard(folder, shard, ids, pending)
+        faults.reached("invert.shard")
         if on_shard:
             on_shard(shard, pairs)
         shard += 1
@@ -168,6 +204,11 @@ def build_cache(
     for position, row in enumerate(pair_rows):
         pairs = position + 1
         if position < skip:
+            if row["pair_id"] != done_ids[position]:
+                raise SmpoError(
+                    f"trajectory cache {str(folder)!r}: pair {position} on disk is "
+                    f"{done_ids[position]} but the input's is {row['pair_id']}; the cache was "
+                    f"written from other pairs: rerun with --force invert")
             continue
         ids.append(row["pair_id"])
         rows.append(row)

@@ -20,9 +20,9 @@ from prefect.cache_policies import NO_CACHE
 from tqdm import tqdm
 
 from smpo_core.settings import STAGES, Settings, shared_sections
-from smpo_core.store import MANIFEST, Store, read_manifest, stage_key
+from smpo_core.store import MANIFEST, Store, disk_error, read_manifest, stage_key
 from smpo_core.worlds import builtins
-from stages import tracking
+from stages import resync, tracking
 
 
 @dataclass
@@ -34,6 +34,7 @@ class RunContext:
     tracking_uri: str
     experiment_id: str
     parent_run_id: str | None = None
+    flow_id: str = "untracked"  # names this flow run's records of tracking not done
 
     @property
     def store(self) -> Store:
@@ -169,11 +170,35 @@ def run_stage(
     inputs: dict[str, StageResult],
     compute: Callable[[StageRun], dict[str, Any]],
     force: bool = False,
+    key_inputs: Callable[[RunContext], dict[str, str]] | None = None,
 ) -> StageResult:
-    """Reuse the stage's output if its manifest exists, else compute it; track either way."""
+    """Reuse the stage's output if its manifest exists, else compute it; track either way.
+    `key_inputs` (a stage module's `key_inputs(ctx)`) names inputs outside the store, such as
+    a local source's content, that enter the key beside the upstream stages' keys."""
     started = time.perf_counter()
-    version = STAGES[stage].version
-    key = stage_key_for(ctx.settings, stage, {name: result.key for name, result in inputs.items()})
+    input_keys = {name: result.key for name, result in inputs.items()}
+    if key_inputs:
+        input_keys |= key_inputs(ctx)
+    key = stage_key_for(ctx.settings, stage, input_keys)
+    store = ctx.store
+    out_dir = store.stage_dir(stage, key)
+    try:
+        # One process at a time per stage output: a second run waits, then reuses the result.
+        with store.lock(f"{stage}-{key}", on_wait=lambda: logger().info(
+                "%s: another run is computing %s; waiting for it to finish", stage, out_dir)):
+            result = _run_locked(ctx, stage, key, inputs, input_keys, compute, force)
+    except OSError as exc:
+        if error := disk_error(exc, f"{stage} stage, store {store.root}"):
+            raise error from exc
+        raise
+    result.seconds = time.perf_counter() - started
+    _summary_artifact(result)
+    return result
+
+
+def _run_locked(ctx: RunContext, stage: str, key: str, inputs: dict[str, StageResult],
+                input_keys: dict[str, str], compute: Callable[[StageRun], dict[str, Any]],
+                force: bool) -> StageResult:
     store = ctx.store
     out_dir = store.stage_dir(stage, key)
     if force:
@@ -198,8 +223,8 @@ def run_stage(
                 _remove_if_empty(out_dir)  # a stage that wrote nothing leaves nothing behind
                 raise
             manifest |= {
-                "stage": stage, "key": key, "version": version,
-                "inputs": {name: result.key for name, result in inputs.items()},
+                "stage": stage, "key": key, "version": STAGES[stage].version,
+                "inputs": input_keys,
                 "settings": settings_for_key(ctx.settings, stage),
                 "seconds": round(time.perf_counter() - compute_started, 3),
                 "finished_at": time.strftime("%Y-%m-%dT%H:%M:%S%z"),
@@ -210,10 +235,12 @@ def run_stage(
         tracker.metrics({f"manifest.{k}": v for k, v in tracking.flatten(
             {k: v for k, v in manifest.items() if k != "settings"}).items()})
         tracker.artifact(out_dir / MANIFEST)
-    result = StageResult(stage, key, str(out_dir), reused, time.perf_counter() - started,
-                         {k: v for k, v in manifest.items() if k not in ("settings", "inputs")})
-    _summary_artifact(result)
-    return result
+    if tracker.lost:  # the work is done and kept; its tracking is logged later
+        resync.record(store.root, "stage", ctx.flow_id, {
+            "stage": stage, "path": str(out_dir), "tags": tags,
+            "parent_run_id": ctx.parent_run_id})
+    return StageResult(stage, key, str(out_dir), reused, 0.0,
+                       {k: v for k, v in manifest.items() if k not in ("settings", "inputs")})
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -250,7 +277,8 @@ def stage_task(name: str) -> Task:
 
         def run(ctx: RunContext, inputs: dict[str, StageResult] | None = None,
                 force: bool = False) -> StageResult:
-            return run_stage(ctx, name, inputs or {}, module.compute, force)
+            return run_stage(ctx, name, inputs or {}, module.compute, force,
+                             getattr(module, "key_inputs", None))
 
         # Prefect keys a task by its function's name: one per stage.
         run.__name__ = run.__qualname__ = f"{name}_stage"

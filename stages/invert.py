@@ -13,7 +13,13 @@ from smpo_core.models import (
     resolve_dtype,
 )
 from smpo_core.pickapic import count_pairs, read_pairs_at, sample_positions
-from smpo_core.trajectories import build_cache, expected_bytes, invert_pair_batch, write_cache_meta
+from smpo_core.trajectories import (
+    build_cache,
+    check_cache,
+    expected_bytes,
+    invert_pair_batch,
+    write_cache_meta,
+)
 from stages.common import StageRun
 
 
@@ -58,6 +64,7 @@ def compute(run: StageRun) -> dict[str, Any]:
                          columns=["pair_id", "caption", "jpg_0", "jpg_1"])
     stats = build_cache(run.out_dir, rows, invert, cfg.batch_size, cfg.shard_pairs)
     progress.close()
+    check_cache(run.out_dir, stats["pairs"])
     return {"pairs": stats["pairs"], "source_pairs": source_pairs, "shards": stats["shards"],
             "resumed_shards": stats["resumed_shards"], "levels": levels,
             "expected_bytes": size, "bytes": stats["bytes_written"],

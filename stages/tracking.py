@@ -2,11 +2,18 @@
 
 Runs are created with `MlflowClient` and explicit ids rather than the fluent API, because the
 fluent active-run stack is per thread and Prefect runs tasks in worker threads.
+
+Tracking is a side channel: a tracking server that stops answering costs one warning line and
+seconds, never the computation or its manifest. What was not logged is recorded in the store
+and logged later (stages/resync.py: the next run, or `smpo sync`).
 """
 
 from __future__ import annotations
 
+import logging
+import os
 import time
+from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -15,37 +22,79 @@ from mlflow.entities import Metric, Param, RunTag
 from mlflow.tracking import MlflowClient
 
 from smpo_core.environment import environment
-from smpo_core.errors import SmpoError
+from smpo_core.errors import SmpoError, first_line
 from smpo_core.store import Store
+
+# MLflow's HTTP client retries a refused connection 7 times with exponential backoff and waits
+# 120 s per request: minutes per call once a server is gone. A refused connection is final
+# and 10 s tell a hung server; what a lost run missed is logged later anyway (resync).
+for _name, _value in (("MLFLOW_HTTP_REQUEST_MAX_RETRIES", "0"),
+                      ("MLFLOW_HTTP_REQUEST_TIMEOUT", "10")):
+    os.environ.setdefault(_name, _value)
+
+# Tracking URIs that failed in this process, with the first error: not asked again.
+_LOST: dict[str, str] = {}
+
+
+def tracking_lost(uri: str) -> str | None:
+    """The error that made this process stop tracking into `uri`, or None."""
+    return _LOST.get(uri)
+
+
+def _lose(uri: str, exc: BaseException) -> None:
+    if uri in _LOST:
+        return
+    _LOST[uri] = f"{type(exc).__name__}: {first_line(exc)}"[:200]
+    logging.getLogger("smpo").warning(
+        "tracking: MLflow at %s failed (%s); the run goes on untracked and is logged there "
+        "by the next run or `smpo sync` once it answers", uri, _LOST[uri])
 
 
 class Tracker:
-    """Logging into one MLflow run; every call names the run id explicitly."""
+    """Logging into one MLflow run; every call names the run id explicitly. A failing call
+    stops all tracking into that URI for this process (see module docstring)."""
 
-    def __init__(self, client: MlflowClient, run_id: str):
+    def __init__(self, client: MlflowClient, run_id: str | None):
         self.client, self.run_id = client, run_id
+
+    @property
+    def lost(self) -> bool:
+        return self.run_id is None or tracking_lost(self.client.tracking_uri) is not None
+
+    def _call(self, log: Callable[[], Any]) -> None:
+        if self.lost:
+            return
+        try:
+            log()
+        except Exception as exc:  # any failure of the side channel: warn once, go on
+            _lose(self.client.tracking_uri, exc)
 
     def params(self, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for start in range(0, len(items), 100):
-            self.client.log_batch(self.run_id, params=items[start:start + 100])
+            self._call(lambda s=start: self.client.log_batch(self.run_id,
+                                                             params=items[s:s + 100]))
 
     def metrics(self, values: dict[str, float], step: int = 0) -> None:
         now = int(time.time() * 1000)
         items = [Metric(k, float(v), now, step) for k, v in values.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)]
         if items:
-            self.client.log_batch(self.run_id, metrics=items)
+            self._call(lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def tags(self, tags: dict[str, Any]) -> None:
-        self.client.log_batch(self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()])
+        self._call(lambda: self.client.log_batch(
+            self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self.client.log_artifacts(self.run_id, str(path), folder)
+            self._call(lambda: self.client.log_artifacts(self.run_id, str(path), folder))
         elif path.is_file():
-            self.client.log_artifact(self.run_id, str(path), folder)
+            self._call(lambda: self.client.log_artifact(self.run_id, str(path), folder))
+
+    def terminate(self, status: str) -> None:
+        self._call(lambda: self.client.set_terminated(self.run_id, status))
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -76,23 +125,41 @@ def experiment_id(client: MlflowClient, uri: str, store_root: Path) -> str:
         return found.experiment_id
 
 
+def process_tag() -> str:
+    """`host:pid:start time` of this process: lets a later run tell whether the process that
+    opened a RUNNING run is gone (stages/resync.py closes such runs)."""
+    import socket
+
+    import psutil
+
+    return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
+
+
 @contextmanager
 def run(client: MlflowClient, experiment: str, name: str, tags: dict[str, Any],
         parent_id: str | None = None):
-    """An MLflow run closed FINISHED, or FAILED with the error message as a tag."""
-    all_tags = {"mlflow.runName": name, **tags}
+    """An MLflow run closed FINISHED, or FAILED with the error message as a tag. If the
+    tracking store does not answer, the block runs with a tracker that logs nothing."""
+    all_tags = {"mlflow.runName": name, "smpo.process": process_tag(), **tags}
     if parent_id:
         all_tags["mlflow.parentRunId"] = parent_id
-    created = client.create_run(experiment, tags={k: str(v) for k, v in all_tags.items()},
-                                run_name=name)
-    tracker = Tracker(client, created.info.run_id)
+    run_id = None
+    if not tracking_lost(client.tracking_uri):
+        try:
+            created = client.create_run(experiment,
+                                        tags={k: str(v) for k, v in all_tags.items()},
+                                        run_name=name)
+            run_id = created.info.run_id
+        except Exception as exc:  # the side channel is down: compute untracked
+            _lose(client.tracking_uri, exc)
+    tracker = Tracker(client, run_id)
     try:
         yield tracker
     except BaseException as exc:
         tracker.tags({"smpo.error": f"{type(exc).__name__}: {exc}"[:5000]})
-        client.set_terminated(created.info.run_id, "FAILED")
+        tracker.terminate("FAILED")
         raise
-    client.set_terminated(created.info.run_id, "FINISHED")
+    tracker.terminate("FINISHED")
 
 
 def train_output_of_run(client: MlflowClient, run_id: str) -> Path:

@@ -28,6 +28,7 @@ from smpo_core.environment import environment
 from smpo_core.errors import SmpoError
 from smpo_core.pickapic import (
     DownloadProgress,
+    ImageLimits,
     SourceUnreachable,
     describe_source,
     download_pairs,
@@ -41,7 +42,7 @@ from smpo_core.settings import load_settings
 from smpo_core.worlds.tiny import expected_counts, write_synthetic_pickapic
 from stages import tracking
 from stages.common import RunContext, StageResult, run_stage, stage_task
-from stages.download import compute, retry_if_transient
+from stages.download import compute, key_inputs, retry_if_transient
 
 REPO = Path(__file__).resolve().parents[1]
 TRAIN_PAIRS, VALIDATION_PAIRS = 320, 60
@@ -276,7 +277,8 @@ def run_download_stage(store: str, source: str, shard_rows: int,
     root.mkdir(parents=True, exist_ok=True)
     uri = tracking_uri or f"sqlite:///{root / 'mlflow.db'}"
     experiment = tracking.experiment_id(MlflowClient(uri), uri, root)
-    return run_stage(RunContext(settings, str(root), uri, experiment), "download", {}, compute)
+    return run_stage(RunContext(settings, str(root), uri, experiment), "download", {}, compute,
+                     key_inputs=key_inputs)
 
 
 @pytest.fixture(scope="module")
@@ -369,7 +371,8 @@ def test_stage_writes_manifest_and_tracks_it(sources: dict, tmp_path: Path,
     assert manifest["source_rows"] == expected["rows"]
     assert manifest["dropped"] == {"no_label": expected["no_label"], "tie": expected["ties"],
                                    "identical": expected["identical"],
-                                   "corrupt_jpeg": expected["corrupt"], "duplicate_pair": 0}
+                                   "corrupt_jpeg": expected["corrupt"], "duplicate_pair": 0,
+                                   "bad_caption": 0, "image_size": 0}
     # Each synthetic corrupt pair has one truncated image.
     assert manifest["quarantined_images"] == expected["corrupt"]
     assert manifest["quarantine_files"] == [f.name for f in quarantine_files(Path(result.path))]
@@ -394,6 +397,35 @@ def test_stage_fails_when_no_pair_is_usable(sources: dict, tmp_path: Path,
                    tmp_path / "ties" / "data" / "train-00000-of-00001.parquet")
     with pytest.raises(SmpoError, match=r"no usable pairs in 5 source rows .*'tie': 5"):
         run_download_stage(str(tmp_path / "store"), str(tmp_path / "ties"), 16, tracking_uri)
+    # Nothing is left that a rerun would resume from and fail on again.
+    assert not (tmp_path / "store" / "download").exists() or not any(
+        (tmp_path / "store" / "download").iterdir())
+
+
+def test_a_local_source_fixed_in_place_is_read_again(sources: dict, tmp_path: Path,
+                                                     tracking_uri: str) -> None:
+    """The download key holds the source files' content: a file fixed (or replaced) in place
+    is a new input, not a reuse of the old download nor a replay of its error."""
+    rows = _source_rows(sources["parquet"])[:40]
+    file = tmp_path / "source" / "data" / "train-00000-of-00001.parquet"
+    file.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist([r | {"label_0": 0.5, "label_1": 0.5} for r in rows],
+                                        PICKAPIC_SCHEMA), file)
+    store = str(tmp_path / "store")
+    with pytest.raises(SmpoError, match="no usable pairs in 40 source rows"):
+        run_download_stage(store, str(tmp_path / "source"), 16, tracking_uri)
+    pq.write_table(pa.Table.from_pylist(rows, PICKAPIC_SCHEMA), file)  # fixed in place
+    fixed = run_download_stage(store, str(tmp_path / "source"), 16, tracking_uri)
+    usable = sum(1 for r in rows if r["has_label"] and r["label_0"] in (0.0, 1.0)
+                 and r["image_0_uid"] != r["image_1_uid"] and r["jpg_0"] != r["jpg_1"]
+                 and _decodes(r["jpg_0"]) and _decodes(r["jpg_1"]))
+    assert not fixed.reused and fixed.summary["pairs"] == usable > 0
+    pq.write_table(pa.Table.from_pylist(rows[:20], PICKAPIC_SCHEMA), file)  # replaced again
+    replaced = run_download_stage(store, str(tmp_path / "source"), 16, tracking_uri)
+    assert replaced.key != fixed.key and not replaced.reused
+    assert replaced.summary["source_rows"] == 20
+    pq.write_table(pa.Table.from_pylist(rows, PICKAPIC_SCHEMA), file)  # the same bytes again
+    assert run_download_stage(store, str(tmp_path / "source"), 16, tracking_uri).reused
 
 
 # --- wrong columns ---------------------------------------------------------------------------
@@ -641,3 +673,72 @@ def test_prefect_retries_the_stage_on_network_errors_only(
             runs = client.search_runs([experiment], "tags.`smpo.stage` = 'download'")
             failed = [r for r in runs if r.data.params.get("download.source") == source]
             assert len(failed) == attempts and {r.info.status for r in failed} == {"FAILED"}
+
+
+# --- damaged input -----------------------------------------------------------------------------
+
+
+def _jpeg(width: int, height: int) -> bytes:
+    buffer = io.BytesIO()
+    Image.new("RGB", (width, height), (200, 30, 30)).save(buffer, format="JPEG")
+    return buffer.getvalue()
+
+
+def _claims_size(data: bytes, width: int, height: int) -> bytes:
+    """A JPEG whose header (SOF0) says width x height: what a 20000 x 20000 upload looks like
+    to a reader that checks sizes before decoding, without building one."""
+    sof = data.index(b"\xff\xc0")
+    return (data[:sof + 5] + height.to_bytes(2, "big") + width.to_bytes(2, "big")
+            + data[sof + 9:])
+
+
+def test_tiny_huge_and_undecodable_rows_are_dropped_and_counted(sources: dict,
+                                                                 tmp_path: Path) -> None:
+    rows = _source_rows(sources["parquet"])[:60]
+    usable = _usable_ids(rows)
+    tiny, huge, caption = usable[0], usable[1], usable[2]
+    table = pa.Table.from_pylist(
+        [r | {"jpg_0": _jpeg(1, 1)} if r["ranking_id"] == tiny
+         else r | {"jpg_1": _claims_size(_jpeg(64, 64), 20000, 20000)}
+         if r["ranking_id"] == huge else r for r in rows], PICKAPIC_SCHEMA)
+    # Invalid UTF-8 in a string column: Parquet stores it unchecked.
+    captions = [c.encode() if i != rows.index(next(r for r in rows if r["ranking_id"] == caption))
+                else b"a cat \xff\xfe" for i, c in enumerate(table.column("caption").to_pylist())]
+    table = table.set_column(table.schema.get_field_index("caption"), "caption",
+                             pa.array(captions, pa.binary()).view(pa.string()))
+    (tmp_path / "src" / "data").mkdir(parents=True)
+    pq.write_table(table, tmp_path / "src" / "data" / "train-00000-of-00001.parquet")
+    state = download_pairs(iter_source(str(tmp_path / "src"), "train"), tmp_path / "out", 16,
+                           limits=ImageLimits(min_side=8, max_pixels=4096 * 4096))
+    assert state.dropped["image_size"] == 2 and state.dropped["bad_caption"] == 1
+    kept = _pairs(tmp_path / "out")
+    assert kept.column("pair_id").to_pylist() == [i for i in usable if i not in (tiny, huge,
+                                                                                  caption)]
+    kept.column("caption").to_pylist()  # every kept caption reads as text
+    assert not any(r["pair_id"] in (tiny, huge) for r in _quarantine_rows(tmp_path / "out"))
+
+
+def _quarantine_rows(folder: Path) -> list[dict]:
+    files = quarantine_files(folder)
+    return pa.concat_tables([pq.read_table(f) for f in files]).to_pylist() if files else []
+
+
+def test_a_parquet_file_damaged_mid_file_is_named_with_its_row_group(sources: dict,
+                                                                     tmp_path: Path) -> None:
+    """Not at the footer (which fails on open) but inside row group 2's data."""
+    rows = _source_rows(sources["parquet"])[:50]
+    file = tmp_path / "src" / "data" / "train-00000-of-00001.parquet"
+    file.parent.mkdir(parents=True)
+    pq.write_table(pa.Table.from_pylist(rows, PICKAPIC_SCHEMA), file, row_group_size=10,
+                   compression="snappy")
+    column = pq.ParquetFile(file).metadata.row_group(2).column(
+        PICKAPIC_SCHEMA.get_field_index("label_0"))
+    data = bytearray(file.read_bytes())
+    start = column.data_page_offset + 20  # inside the compressed values, past the page header
+    data[start:start + 16] = b"\xff" * 16
+    file.write_bytes(bytes(data))
+    with pytest.raises(SmpoError, match=(
+            rf"^{re.escape(str(file))}: row group 2 of 5 \(rows 20 to 29 of the file\) cannot "
+            r"be read \(OSError: .+\); the file is damaged: "
+            r"replace it with a good copy or remove it from the source$")):
+        download_pairs(iter_source(str(tmp_path / "src"), "train"), tmp_path / "out", 8)

@@ -202,3 +202,16 @@ def test_atomic_write_leaves_no_partial_file(tmp_path):
     assert read_manifest(tmp_path) is None
     assert target.read_text().strip().startswith("{")
     assert [p.name for p in tmp_path.iterdir()] == ["x.json"]
+
+
+@pytest.mark.parametrize(("override", "message"), [
+    ("model.resolution=33", r"override 'model.resolution=33': setting model.resolution: "
+                            r"Input should be a multiple of 8"),
+    ("train.beta=.inf", r"setting train.beta: Input should be a finite number"),
+    ("train.learning_rate=.nan", r"setting train.learning_rate: Input should be a finite"),
+])
+def test_settings_no_stage_could_use_are_refused_up_front(override, message):
+    """Refused when read, before any stage runs (the issue: resolution 33 passed invert and
+    train and failed in evaluate minutes later; beta=inf trained)."""
+    with pytest.raises(SmpoError, match=message):
+        load_settings("tiny", [override])

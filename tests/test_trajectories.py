@@ -16,6 +16,7 @@ from smpo_core.trajectories import (
     InvertedBatch,
     TrajectoryCache,
     build_cache,
+    check_cache,
     expected_bytes,
     write_cache_meta,
 )
@@ -97,6 +98,51 @@ def test_crashed_cache_resumes_from_its_last_complete_shard(tmp_path):
             for key in ("z0", "z", "text"):
                 assert torch.equal(a.get_tensor(key), b.get_tensor(key))
     assert TrajectoryCache(crashed).pair_ids == TrajectoryCache(clean).pair_ids
+
+
+@pytest.mark.parametrize("resumed_shard_pairs", [3, 8])
+def test_cache_resumed_with_another_shard_size_holds_each_pair_once(tmp_path,
+                                                                   resumed_shard_pairs):
+    """shard_pairs is a runtime setting: a resume with another value continues after exactly
+    the pairs on disk (the issue: 32 duplicated, or 64 lost while the manifest said 128)."""
+    clean, crashed = tmp_path / "clean", tmp_path / "crashed"
+    for folder in (clean, crashed):
+        write_meta(folder)
+    build_cache(clean, iter(rows()), fake_invert, batch_size=2, shard_pairs=4)
+
+    def dies_in_second_shard(batch):
+        if batch[0]["pair_id"] >= 104:
+            raise RuntimeError("killed")
+        return fake_invert(batch)
+
+    with pytest.raises(RuntimeError, match="killed"):
+        build_cache(crashed, iter(rows()), dies_in_second_shard, batch_size=2, shard_pairs=4)
+    stats = build_cache(crashed, iter(rows()), fake_invert, batch_size=2,
+                        shard_pairs=resumed_shard_pairs)
+    assert stats["pairs"] == 10
+    check_cache(crashed, 10)
+    resumed, reference = TrajectoryCache(crashed), TrajectoryCache(clean)
+    assert resumed.pair_ids == reference.pair_ids == [100 + i for i in range(10)]
+    for key in ("z0", "z", "text"):
+        assert torch.equal(resumed.get(range(10))[key], reference.get(range(10))[key])
+
+
+def test_cache_that_disagrees_with_its_count_is_not_marked_complete(tmp_path):
+    write_meta(tmp_path)
+    build_cache(tmp_path, iter(rows(8)), fake_invert, batch_size=2, shard_pairs=4)
+    with pytest.raises(SmpoError, match=r"8 pairs \(8 distinct\) indexed.*but 10 pairs"):
+        check_cache(tmp_path, 10)
+    (tmp_path / "shard-00001.safetensors").unlink()
+    with pytest.raises(SmpoError, match=r"shards missing: \[1\]"):
+        check_cache(tmp_path, 8)
+
+
+def test_cache_written_from_other_pairs_is_refused_on_resume(tmp_path):
+    write_meta(tmp_path)
+    build_cache(tmp_path, iter(rows(4)), fake_invert, batch_size=2, shard_pairs=4)
+    others = [{"pair_id": 7 + i, "caption": "x"} for i in range(8)]
+    with pytest.raises(SmpoError, match="pair 0 on disk is 100 but the input's is 7"):
+        build_cache(tmp_path, iter(others), fake_invert, batch_size=2, shard_pairs=4)
 
 
 def test_cache_from_another_model_or_grid_is_refused(tmp_path):
