@@ -82,6 +82,19 @@ class ModelSettings(Section):
         "float16", description="Weights dtype of the frozen models (VAE, text encoder, reference)."
     )
     device: str = runtime_setting("auto", "auto | cpu | cuda | cuda:N.")
+    # GPU fast paths (smpo_core/acceleration.py): the same computation up to float rounding,
+    # so not in any key; each a no-op on the CPU. bench/gpu.sh measures each on and off.
+    tf32: bool = runtime_setting(True, "TF32 tensor cores for float32 matmuls on a GPU.")
+    attention: Literal["sdpa", "classic"] = runtime_setting(
+        "sdpa", "Attention kernel: PyTorch's fused scaled_dot_product_attention or the "
+        "explicit softmax(QK^T)V.")
+    channels_last: bool = runtime_setting(
+        False, "Channels-last memory layout for the UNet and VAE on a GPU.")
+    compile: list[Literal["unet", "vae", "text_encoder", "text_encoder_2"]] = runtime_setting(
+        [], "Parts to torch.compile where they only run inference (invert, evaluate, the "
+        "frozen reference); compiling costs minutes once.")
+    pin_memory: bool = runtime_setting(
+        True, "Prefetch cache rows into pinned memory while the step computes (GPU).")
 
 
 class DownloadSettings(Section):

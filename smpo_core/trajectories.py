@@ -24,7 +24,7 @@ from safetensors import safe_open
 from safetensors.torch import save_file
 
 from smpo_core.errors import SmpoError
-from smpo_core.inversion import renoise_invert
+from smpo_core.inversion import renoise_invert, renoise_invert_to
 from smpo_core.models import (
     DiffusionModel,
     PromptEmbeds,
@@ -71,10 +71,13 @@ def invert_pair_batch(
     renoise_steps: int,
     average: str,
     seed: int = 0,
+    top: Sequence[int] | None = None,
 ) -> InvertedBatch:
     """VAE-encode both images of each pair, encode its caption, ReNoise-invert with the UNet.
 
     The VAE posterior sample of image i of a pair is seeded by (seed, pair_id, i).
+    `top` (one level index per pair): invert each pair only up to that level, as training
+    that reads no higher level needs; its higher levels are NaN (`renoise_invert_to`).
     """
     jpegs = [row[f"jpg_{i}"] for row in rows for i in (0, 1)]
     pixels = torch.stack([jpeg_to_pixels(data, resolution) for data in jpegs])
@@ -87,9 +90,15 @@ def invert_pair_batch(
         time_ids = micro_conditions([image_size(data) for data in jpegs], resolution)
     eps_fn = noise_predictor(model.unet, prompt.hidden.repeat_interleave(2, dim=0), pooled,
                              time_ids)
+    alphas = model.alphas_cumprod.to(z0.device)
     with torch.no_grad():
-        z = renoise_invert(eps_fn, z0, list(levels), model.alphas_cumprod.to(z0.device),
-                           renoise_steps=renoise_steps, average=average)  # (K, 2B, C, H, W)
+        if top is None:
+            z = renoise_invert(eps_fn, z0, list(levels), alphas, renoise_steps=renoise_steps,
+                               average=average)  # (K, 2B, C, H, W)
+        else:
+            z = renoise_invert_to(eps_fn, z0, list(levels),
+                                  torch.tensor(top).repeat_interleave(2), alphas,
+                                  renoise_steps=renoise_steps, average=average)
     batch = len(rows)
     z = z.movedim(0, 1).reshape(batch, 2, len(levels), *z0.shape[1:])
     return InvertedBatch(

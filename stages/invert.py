@@ -5,6 +5,7 @@ from __future__ import annotations
 import itertools
 from typing import Any
 
+from smpo_core.acceleration import FastPaths, prepare_for_inference
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import (
     encode_captions,
@@ -23,6 +24,7 @@ def compute(run: StageRun) -> dict[str, Any]:
     base = run.ctx.resolve(model_cfg.base)
     model = load_diffusion(base, device, resolve_dtype(model_cfg.dtype, device),
                            model_cfg.revision, vae=run.ctx.resolve(model_cfg.vae))
+    model = prepare_for_inference(model, FastPaths.from_settings(model_cfg))
     levels = inversion_levels(cfg.num_levels, model.scheduler.config.num_train_timesteps)
     pairs = run.inputs["download"].summary["pairs"]
     if cfg.max_pairs:
