@@ -356,6 +356,51 @@ def prefetch_figure(shape: Shape, pairs: int, rounds: int) -> dict:
     return {"on_seconds": on_s, "off_seconds": off_s, "speedup": off_s / on_s}
 
 
+# The paper's recipe: 200 steps x 1024 pairs; its reported GPU-hours and Diffusion-DPO's.
+RECIPE_PAIRS = 200 * 1024
+PAPER_GPU_HOURS = {"sd15": {"smpo": 41.3, "diffusion_dpo": 205},
+                   "sdxl": {"smpo": 151, "diffusion_dpo": 976}}
+
+
+def levels_read(num_levels: int, num_train_timesteps: int = 1000) -> float:
+    """Mean of k + 1 over t uniform on the schedule, k the level at or above t: the levels a
+    pair is inverted through to be read once ((K + 1) / 2 for evenly spaced levels)."""
+    levels = torch.tensor(inversion_levels(num_levels, num_train_timesteps))
+    k = torch.searchsorted(levels, torch.arange(num_train_timesteps))
+    return float((k + 1).float().mean())
+
+
+def gpu_hours(result: dict, sweep: int = 4) -> dict:
+    """GPU-hours of the paper's recipe (204,800 pair-uses, each pair read once) from the
+    measured rates of one card: online training; full cache (every pair at all K levels, at
+    the best measured inversion batch) + cached training; planned cache (each pair up to the
+    level it is read at: the full inversion's cost x mean levels / K) + cached training; and
+    a `sweep`-run beta sweep sharing one planned cache."""
+    out = {}
+    for name in ("sd15", "sdxl"):
+        if name not in result:
+            continue
+        train, inversion = result[name]["train"], result[name]["inversion"]
+        full = max(v["pairs_per_second"] for n, v in inversion.items()
+                   if n.startswith("batch"))
+        planned = full * train["levels"] / levels_read(train["levels"])
+        hours = {
+            "online": RECIPE_PAIRS / train["online"]["pairs_per_second"] / 3600,
+            "invert_full": RECIPE_PAIRS / full / 3600,
+            "invert_planned": RECIPE_PAIRS / planned / 3600,
+            "train_cached": RECIPE_PAIRS / train["cached"]["pairs_per_second"] / 3600,
+        }
+        out[name] = hours | {
+            "one_run_full_cache": hours["invert_full"] + hours["train_cached"],
+            "one_run_planned_cache": hours["invert_planned"] + hours["train_cached"],
+            f"sweep_{sweep}_planned_cache": hours["invert_planned"]
+            + sweep * hours["train_cached"],
+            f"sweep_{sweep}_online": sweep * hours["online"],
+            "paper": PAPER_GPU_HOURS[name],
+        }
+    return out
+
+
 def main() -> int:
     parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
     parser.add_argument("--dry-run", action="store_true",
@@ -404,6 +449,7 @@ def main() -> int:
     say("scoring, ViT-H/14-shaped CLIP")
     result["scoring"] = scoring_figures(CLIP_TINY if dry else CLIP_H,
                                         [1, 4] if dry else [1, 16, 64], rounds, device)
+    result["gpu_hours"] = gpu_hours(result)
     result["seconds"] = time.perf_counter() - started
     args.out.parent.mkdir(parents=True, exist_ok=True)
     args.out.write_text(json.dumps(result, indent=1) + "\n")

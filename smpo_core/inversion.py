@@ -162,7 +162,8 @@ def renoise_invert_to(
     eps_fn(z, t, rows) predicts the noise of the samples `rows` (indices into the batch, a
     (n,) long tensor) given their latents z (n, C, H, W). top: (B,) level indices in [0, K).
     Each step runs only the samples still climbing, so eps_fn sees sum_b (top[b] + 1) (1 + R)
-    samples in all, against B K (1 + R) for renoise_invert. Returns (K, B, C, H, W) like
+    samples in all, against B K (1 + R) for renoise_invert; top[b] = -1 inverts nothing of
+    sample b. Returns (K, B, C, H, W) like
     renoise_invert, with the same values at every level <= top[b] and NaN above it (never
     computed: reading one is a bug the NaN makes loud).
     """
@@ -170,8 +171,8 @@ def renoise_invert_to(
     if average not in RENOISE_AVERAGES:
         raise ValueError(f"average must be one of {RENOISE_AVERAGES}, got {average!r}")
     top = torch.as_tensor(top, dtype=torch.long).cpu()
-    if top.shape != (z0.shape[0],) or top.min() < 0 or top.max() >= len(checked):
-        raise ValueError(f"top must hold one level index in [0, {len(checked) - 1}] per "
+    if top.shape != (z0.shape[0],) or top.min() < -1 or top.max() >= len(checked):
+        raise ValueError(f"top must hold one level index in [-1, {len(checked) - 1}] per "
                          f"sample ({z0.shape[0]}), got {top.tolist()}")
     abar = alphas_cumprod.tolist()
     z_a = _working(z0)
