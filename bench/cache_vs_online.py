@@ -65,9 +65,10 @@ def timed(fn: Callable[[], object], device: torch.device) -> float:
 
 def interleaved(variants: dict[str, Callable[[int], object]], rounds: int,
                 device: torch.device) -> dict[str, list[float]]:
-    """Seconds per call of each variant, round-robin; call `i` of each gets index i. One
-    untimed warm-up round first (kernels, allocators, lazy imports)."""
-    for fn in variants.values():
+    """Seconds per call of each variant, round-robin; call `i` of each gets index i. An
+    untimed warm-up call first (kernels, allocators, lazy imports): of every variant on a GPU
+    (each shape tunes its own kernels), of the first one on the CPU."""
+    for fn in variants.values() if device.type == "cuda" else list(variants.values())[:1]:
         fn(0)
     times: dict[str, list[float]] = {name: [] for name in variants}
     for i in range(rounds):
