@@ -126,7 +126,7 @@ def train_step(policy, reference, optimizer, batch: PairBatch, z_level: torch.Te
     loss.backward()
     optimizer.step()
     optimizer.zero_grad(set_to_none=True)
-    return float(loss)
+    return float(loss.detach())
 
 
 def measure_train_steps(model: DiffusionModel, cache: PairBatch, levels: list[int],
