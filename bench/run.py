@@ -222,7 +222,7 @@ def main() -> int:
     # Per model: timed train steps, pairs per step, pairs inverted, inversion batch sizes,
     # rounds, and whether to time the old all-K online baseline too.
     plan = ([("tiny", 3, 2, 4, [1, 4], 1, True)] if args.quick else
-            [("tiny", 12, 2, 8, [1, 2, 4, 8], 3, True), ("medium", 3, 1, 4, [1, 4], 1, False)])
+            [("tiny", 12, 2, 8, [1, 2, 4, 8], 3, True), ("medium", 3, 1, 2, [1, 2], 1, False)])
     result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
                     "command": " ".join([Path(sys.executable).name, *sys.argv]),
                     "machine": machine(device), "train": {}, "whole_cost": {},
