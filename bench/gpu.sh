@@ -20,7 +20,7 @@ if ! "$PY" -c 'import torch, diffusers, transformers, peft, safetensors, pyarrow
 fi
 if [[ "${1:-}" == "--dry-run" ]]; then
   out=bench/results/$(date -u +%F)-gpu-dry-run.json
-  exec timeout 300 "$PY" bench/gpu_bench.py --dry-run --out "$out"
+  exec timeout 900 "$PY" bench/gpu_bench.py --dry-run --out "$out"
 fi
 card=$("$PY" -c 'import torch; print(torch.cuda.get_device_name() if torch.cuda.is_available() else "none")' \
        | tr -c 'A-Za-z0-9.\n' '-')

@@ -413,6 +413,8 @@ def main() -> int:
               file=sys.stderr)
         return 2
     device = torch.device("cpu" if dry else "cuda")
+    if dry:
+        torch.set_num_threads(1)  # a shared CPU: spinning worker threads only fight for it
     started = time.perf_counter()
 
     def say(what: str) -> None:

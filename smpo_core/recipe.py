@@ -30,6 +30,7 @@ import torch
 from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
+from smpo_core.acceleration import FastPaths, prepare_module, set_tf32
 from smpo_core.errors import SmpoError
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import (
@@ -169,6 +170,12 @@ def setup(job: TrainJob) -> Trainer:
                             "resolution": model_cfg.resolution, "levels": levels})
     weight, winner = preference_targets(job.labels_file, cache.pair_ids, cfg.labels)
     policy, reference, trainable = setup_models(job, device)
+    if device.type == "cuda":  # the fast paths; the frozen reference only runs inference
+        paths = FastPaths.from_settings(model_cfg)
+        set_tf32(paths.tf32, device)
+        policy = prepare_module(policy, paths, device, "unet", inference=False)
+        if reference is not None:
+            reference = prepare_module(reference, paths, device, "unet", inference=True)
 
     optimizer = make_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad],
                                cfg.learning_rate, cfg.weight_decay)
