@@ -19,8 +19,9 @@ from smpo_core.trajectories import TrajectoryCache
 from stages.common import stage_key_for
 
 # 3 steps of 4 pairs from an 8-pair cache in two shards: some pairs are read twice (the second
-# epoch starts in step 2), some never. One pair per inversion batch: a UNet batch of other
-# rows rounds differently in the last bit, which is not what these tests are about.
+# epoch starts in step 2), some never. The planned inversion runs the UNet on the rows still
+# climbing, the full one on all of them: the same arithmetic, rounded differently in the last
+# bit of fp16 now and then, so latents and training agree to rounding, not bit for bit.
 SMALL = ["invert.max_pairs=8", "invert.shard_pairs=4", "invert.batch_size=1",
          "train.max_steps=3", "train.effective_batch=4", "train.batch_size=2",
          "train.learning_rate=1e-3", "train.warmup_steps=1", "train.checkpoint_every=100"]
@@ -73,12 +74,12 @@ def test_planned_cache_holds_exactly_the_levels_training_reads(caches, tmp_path,
     assert len(cache) == 8 and sum(map(len, read.values())) >= 4
     assert [set(levels) for levels in cache.stored_levels] == [read.get(p, set())
                                                                for p in range(8)]
-    # ...and those latents are the full cache's, bit for bit (same fp16 values).
+    # ...and those latents are the full cache's (to a few fp16 units in the last place).
     full = TrajectoryCache(Path(caches["full"].path))
     for position, levels in read.items():
         z_planned, z_full = (c.get([position], ["z"])["z"][0] for c in (cache, full))
         for k in levels:
-            torch.testing.assert_close(z_planned[:, k], z_full[:, k], rtol=0, atol=0)
+            torch.testing.assert_close(z_planned[:, k], z_full[:, k], rtol=0, atol=2e-3)
     # One stored latent pair per (pair, level) read, against K = 5 for every pair.
     assert caches["planned"].summary["pair_levels_stored"] == sum(map(len, read.values()))
     assert caches["full"].summary["pair_levels_stored"] == 5 * 8
@@ -91,14 +92,16 @@ def test_training_from_the_planned_cache_equals_training_from_the_full_cache(cac
 
     full = _train(caches, "full", tmp_path / "full")
     planned = _train(caches, "planned", tmp_path / "planned")
-    assert full["final_loss"] == planned["final_loss"]
+    assert planned["final_loss"] == pytest.approx(full["final_loss"], rel=1e-3)
     histories = [json.loads((tmp_path / run / HISTORY).read_text())
                  for run in ("full", "planned")]
     losses = [[entry["loss"] for entry in history] for history in histories]
-    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    assert len(losses[0]) == 3 and losses[1] == pytest.approx(losses[0], rel=1e-3)
     a, b = (load_file(tmp_path / run / "unet" / "diffusion_pytorch_model.safetensors")
             for run in ("full", "planned"))
-    assert all(torch.equal(a[name], b[name]) for name in a)
+    assert a.keys() == b.keys()
+    for name in a:
+        torch.testing.assert_close(b[name], a[name], rtol=1e-3, atol=1e-5)
 
 
 @pytest.mark.integration
