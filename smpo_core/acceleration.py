@@ -4,9 +4,9 @@ Each is a `model.*` runtime setting (so not in any stage key) and each is a no-o
 does not apply (the CPU): TF32 matmuls, the attention kernel (PyTorch's fused SDPA or the
 classic three-matmul attention), channels-last memory layout, `torch.compile` of the frozen
 parts used for inference only (a compiled module that is trained would recompile on every
-shape and graph break of the backward pass; inference shapes are fixed), and pinned host
-memory for prefetched cache rows, so their copy to the GPU overlaps compute.
-`bench/gpu.sh` measures each on and off.
+shape and graph break of the backward pass; inference shapes are fixed). `Prefetcher` loads
+cache rows ahead into pinned host memory, so their copy to the GPU overlaps compute; the
+training loop does not use it yet. `bench/gpu.sh` measures each fast path on and off.
 """
 
 from __future__ import annotations
@@ -29,14 +29,12 @@ class FastPaths:
     attention: str = "sdpa"  # "sdpa" | "classic"
     channels_last: bool = False
     compile: tuple[str, ...] = field(default_factory=tuple)  # parts, see COMPILABLE
-    pin_memory: bool = True
 
     @classmethod
     def from_settings(cls, model_settings: Any) -> FastPaths:
         return cls(tf32=model_settings.tf32, attention=model_settings.attention,
                    channels_last=model_settings.channels_last,
-                   compile=tuple(model_settings.compile),
-                   pin_memory=model_settings.pin_memory)
+                   compile=tuple(model_settings.compile))
 
     def __post_init__(self) -> None:
         if self.attention not in ("sdpa", "classic"):

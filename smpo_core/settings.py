@@ -104,8 +104,6 @@ class ModelSettings(Section):
     compile: list[Literal["unet", "vae", "text_encoder", "text_encoder_2"]] = runtime_setting(
         [], "Parts to torch.compile where they only run inference (invert, evaluate, the "
         "frozen reference); compiling costs minutes once.")
-    pin_memory: bool = runtime_setting(
-        True, "Prefetch cache rows into pinned memory while the step computes (GPU).")
 
 
 class DownloadSettings(Section):
