@@ -8,7 +8,8 @@ through smpo_core's own step (`smpo_loss`, AdamW): `full` trains every weight ag
 frozen UNet (the reference); `lora` trains rank-`--rank` adapters and takes the reference from
 the same UNet with its adapters disabled (`AdaptersDisabled`). Reported side by side: the
 process's peak resident memory above what it held before building the models (CPU), or peak
-allocated GPU memory (CUDA), and the ratio full / LoRA.
+allocated GPU memory (CUDA), and the ratio full / LoRA. Exits 1 when LoRA does not use less
+memory than full training on the largest shape measured.
 """
 
 from __future__ import annotations
@@ -121,6 +122,9 @@ def main() -> None:
         print(f"{shape:<8} {full['parameters']:>11,} {full['peak_bytes'] / 2**20:>9.1f} "
               f"{lora['peak_bytes'] / 2**20:>9.1f} "
               f"{full['peak_bytes'] / lora['peak_bytes']:>9.2f}x")
+    largest = args.shapes[-1]
+    if results[largest, "lora"]["peak_bytes"] >= results[largest, "full"]["peak_bytes"]:
+        sys.exit(f"LoRA training used no less memory than full training ({largest})")
 
 
 if __name__ == "__main__":

@@ -1,8 +1,10 @@
 """SmPO fine-tuning (METHOD.md §4): a batch of pairs in, a loss out; the loop around it.
 
-The step reads top to bottom: pick a timestep per pair, place both images at that timestep on
-their trajectory (ReNoise inversion or forward noise), compare the policy's and the frozen
-reference's noise errors, weight the difference by the preference, back-propagate.
+The step reads top to bottom: take each pair's timestep from the plan, place both images at
+that timestep on their trajectory (ReNoise inversion or forward noise), compare the policy's
+and the frozen reference's errors against the target of the model's prediction type, weight
+the difference by the preference, back-propagate. `TrainingPlan` fixes every random draw of a
+run; `smpo_core.recipe` builds the models, optimiser and data around this loop.
 """
 
 from __future__ import annotations

@@ -94,7 +94,7 @@ def test_the_micro_batch_size_does_not_change_the_run(inputs, tmp_path):
     run_training(_job(inputs, tmp_path / "four", "train.max_steps=2", "train.batch_size=2"))
     histories = [json.loads((tmp_path / run / HISTORY).read_text()) for run in ("one", "four")]
     for a, b in zip(*histories, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6)
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
         assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
         assert a["implicit_accuracy"] == b["implicit_accuracy"]
     # Adam divides by the gradient's size: where a gradient is ~0, float noise in it moves a
