@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean-store reference-check
+.PHONY: install demo test lint clean-store reference-check bench
 
 install: $(STAMP)
 
@@ -27,6 +27,11 @@ lint: install
 
 test: install lint
 	$(BIN)/pytest -q
+
+# Every performance figure as side-by-side ratios (bench/run.py): bench/results/<date>-cpu.json
+# and .md; under 15 minutes on 2 cores. The GPU figures: bench/gpu.sh on an NVIDIA machine.
+bench: install
+	$(BIN)/python bench/run.py
 
 clean-store:
 	rm -rf smpo-store

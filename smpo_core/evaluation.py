@@ -33,6 +33,7 @@ import pyarrow.parquet as pq
 import torch
 
 from smpo_core import faults
+from smpo_core.acceleration import FastPaths, prepare_for_inference
 from smpo_core.errors import SmpoError
 from smpo_core.generation import (
     SEED_STRIDE,
@@ -102,6 +103,7 @@ class EvaluationConfig:
     batch_size: int = 4  # images per pipeline call
     metric_batch_size: int = 32  # images per metric forward
     chunk_prompts: int = 64  # prompts per resumable chunk
+    fast_paths: FastPaths = field(default_factory=FastPaths)  # GPU kernels and layouts
 
 
 @dataclass
@@ -178,7 +180,8 @@ def _generate(models: Sequence[ModelSpec], folders: dict[str, ImageFolder],
             bar.update(len(jobs))
             reporter.log(f"{model.label}: all {len(jobs)} images reused from {folder.folder}")
             continue
-        pipe = build_pipeline(model, device, dtype)
+        pipe = prepare_for_inference(build_pipeline(model, device, dtype),
+                                     cfg.fast_paths)
         for chunk in prompt_chunks(len(prompts), cfg.chunk_prompts):
             chunk_jobs = image_jobs(prompts, cfg.images_per_prompt, cfg.seed, chunk)
             counts[model.label]["drawn"] += draw(pipe, chunk_jobs, folder, cfg.batch_size,

@@ -127,16 +127,69 @@ def renoise_invert(
     z_a, t_a, abar_a = _working(z0), 0, 1.0
     trajectory = []
     for t_b in checked:
-        e_sum = eps_fn(z_a, t_a).to(z_a.dtype)
-        z_b = ddim_inverse_step(z_a, e_sum, abar_a, abar[t_b])
-        for i in range(1, renoise_steps + 1):
-            e_i = eps_fn(z_b, t_b).to(z_a.dtype)
-            e_sum = e_sum + e_i
-            e = e_sum / (i + 1) if average == "mean" else e_i
-            z_b = ddim_inverse_step(z_a, e, abar_a, abar[t_b])
+        z_b = _renoise_step(eps_fn, z_a, t_a, abar_a, t_b, abar[t_b], renoise_steps, average)
         trajectory.append(z_b)
         z_a, t_a, abar_a = z_b, t_b, abar[t_b]
     return torch.stack(trajectory)
+
+
+def _renoise_step(eps_fn: EpsFn, z_a: torch.Tensor, t_a: int, abar_a: Abar, t_b: int,
+                  abar_b: float, renoise_steps: int, average: str) -> torch.Tensor:
+    """One inversion step a -> b: plain DDIM, then `renoise_steps` ReNoise refinements."""
+    e_sum = eps_fn(z_a, t_a).to(z_a.dtype)
+    z_b = ddim_inverse_step(z_a, e_sum, abar_a, abar_b)
+    for i in range(1, renoise_steps + 1):
+        e_i = eps_fn(z_b, t_b).to(z_a.dtype)
+        e_sum = e_sum + e_i
+        e = e_sum / (i + 1) if average == "mean" else e_i
+        z_b = ddim_inverse_step(z_a, e, abar_a, abar_b)
+    return z_b
+
+
+@torch.no_grad()
+def renoise_invert_to(
+    eps_fn: Callable[[torch.Tensor, int, torch.Tensor], torch.Tensor],
+    z0: torch.Tensor,
+    levels: Sequence[int],
+    top: torch.Tensor,
+    alphas_cumprod: torch.Tensor,
+    renoise_steps: int = 1,
+    average: str = "mean",
+) -> torch.Tensor:
+    """renoise_invert, but sample b only up to level index top[b]: the work a training step
+    that reads level top[b] needs (the authors' online inversion stops at the sampled level).
+
+    eps_fn(z, t, rows) predicts the noise of the samples `rows` (indices into the batch, a
+    (n,) long tensor) given their latents z (n, C, H, W). top: (B,) level indices in [0, K).
+    Each step runs only the samples still climbing, so eps_fn sees sum_b (top[b] + 1) (1 + R)
+    samples in all, against B K (1 + R) for renoise_invert; top[b] = -1 inverts nothing of
+    sample b. Returns (K, B, C, H, W) like
+    renoise_invert, with the same values at every level <= top[b] and NaN above it (never
+    computed: reading one is a bug the NaN makes loud).
+    """
+    checked = _check_levels(levels, alphas_cumprod)
+    if average not in RENOISE_AVERAGES:
+        raise ValueError(f"average must be one of {RENOISE_AVERAGES}, got {average!r}")
+    top = torch.as_tensor(top, dtype=torch.long).cpu()
+    if top.shape != (z0.shape[0],) or top.min() < -1 or top.max() >= len(checked):
+        raise ValueError(f"top must hold one level index in [-1, {len(checked) - 1}] per "
+                         f"sample ({z0.shape[0]}), got {top.tolist()}")
+    abar = alphas_cumprod.tolist()
+    z_a = _working(z0)
+    trajectory = torch.full((len(checked), *z_a.shape), float("nan"), dtype=z_a.dtype,
+                            device=z_a.device)
+    t_a, abar_a = 0, 1.0
+    for j, t_b in enumerate(checked[:int(top.max()) + 1]):
+        rows = (top >= j).nonzero().squeeze(1)
+        z_rows = z_a[rows.to(z_a.device)]
+
+        def eps(z: torch.Tensor, t: int, rows: torch.Tensor = rows) -> torch.Tensor:
+            return eps_fn(z, t, rows)
+
+        trajectory[j, rows.to(z_a.device)] = _renoise_step(
+            eps, z_rows, t_a, abar_a, t_b, abar[t_b], renoise_steps, average)
+        z_a, t_a, abar_a = trajectory[j], t_b, abar[t_b]
+    return trajectory
 
 
 @torch.no_grad()

@@ -253,18 +253,28 @@ def encode_images(
     return sample * model.vae.config.scaling_factor
 
 
+def condition_rows(condition: dict, rows: torch.Tensor | None) -> dict:
+    """The UNet keyword arguments of `unet_condition` for a subset of the batch's rows."""
+    if rows is None:
+        return condition
+    rows = rows.to(condition["encoder_hidden_states"].device)
+    return {name: {k: v[rows] for k, v in value.items()} if isinstance(value, dict)
+            else value[rows] for name, value in condition.items()}
+
+
 def noise_predictor(unet: UNet2DConditionModel, hidden: torch.Tensor,
                     pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
                     prediction_type: str = "epsilon",
                     alphas_cumprod: torch.Tensor | None = None):
     """eps(z, t) for one batch of conditions, as the inversion code calls it (conditional
-    prediction only, no guidance). A v-prediction UNet's output is turned into the noise it
-    implies (that needs the schedule, `alphas_cumprod`)."""
+    prediction only, no guidance); eps(z, t, rows) predicts for those rows of the batch only.
+    A v-prediction UNet's output is turned into the noise it implies (that needs the
+    schedule, `alphas_cumprod`)."""
     condition = unet_condition(unet, hidden, pooled, time_ids)
 
-    def eps(z: torch.Tensor, t: int) -> torch.Tensor:
+    def eps(z: torch.Tensor, t: int, rows: torch.Tensor | None = None) -> torch.Tensor:
         timesteps = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
-        pred = unet(z.to(unet.dtype), timesteps, **condition).sample
+        pred = unet(z.to(unet.dtype), timesteps, **condition_rows(condition, rows)).sample
         if prediction_type == "epsilon":
             return pred
         return noise_from_prediction(prediction_type, pred, z, alphas_cumprod[t])

@@ -31,6 +31,8 @@ from accelerate import Accelerator, DataLoaderConfiguration, PartialState
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from smpo_core import faults
+from smpo_core.acceleration import FastPaths, prepare_module, set_tf32
+from smpo_core.errors import SmpoError
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import (
     AdaptersDisabled,
@@ -49,6 +51,7 @@ from smpo_core.training import (
     LoopConfig,
     StepConfig,
     TrainingPlan,
+    levels_read,
     make_optimizer,
     train_loop,
     warmup_constant,
@@ -168,6 +171,12 @@ def setup(job: TrainJob) -> Trainer:
                             "resolution": model_cfg.resolution, "levels": levels})
     weight, winner = preference_targets(job.labels_file, cache.pair_ids, cfg.labels)
     policy, reference, trainable = setup_models(job, device)
+    if device.type == "cuda":  # the fast paths; the frozen reference only runs inference
+        paths = FastPaths.from_settings(model_cfg)
+        set_tf32(paths.tf32, device)
+        policy = prepare_module(policy, paths, device, "unet", inference=False)
+        if reference is not None:
+            reference = prepare_module(reference, paths, device, "unet", inference=True)
 
     optimizer = make_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad],
                                cfg.learning_rate, cfg.weight_decay)
@@ -180,9 +189,9 @@ def setup(job: TrainJob) -> Trainer:
     if (job.out_dir / CHECKPOINT).is_dir():
         accelerator.load_state(str(job.out_dir / CHECKPOINT))
 
-    plan = TrainingPlan(len(cache), cfg.effective_batch, cfg.seed, tuple(levels),
-                        scheduler.config.num_train_timesteps, cfg.timestep_sampling,
-                        cfg.empty_caption_prob)
+    plan = TrainingPlan.of_run(cfg, levels, len(cache), scheduler.config.num_train_timesteps)
+    if cfg.trajectory == "inversion" and cfg.trajectory_source == "cache":
+        check_levels_cached(cache, plan, cfg.max_steps)
     data = CachedPairs(cache, weight, winner, device=device, load_levels=(
         cfg.trajectory == "inversion" and cfg.trajectory_source == "cache"))
     step_cfg = StepConfig(cfg.method, cfg.trajectory, cfg.trajectory_source, cfg.beta, levels,
@@ -193,6 +202,19 @@ def setup(job: TrainJob) -> Trainer:
     return Trainer(job, accelerator, policy, reference, optimizer, schedule, plan, data,
                    scheduler.alphas_cumprod.float(), step_cfg, loop, progress, trainable,
                    resumed_from_step=progress.step)
+
+
+def check_levels_cached(cache: TrajectoryCache, plan: TrainingPlan, max_steps: int) -> None:
+    """Refuse, before the first step, a planned cache that lacks a level this run reads."""
+    missing = cache.missing_levels(levels_read(plan, max_steps))
+    if missing:
+        position, k = missing[0]
+        raise SmpoError(
+            f"trajectory cache {str(cache.folder)!r} was planned for another training run "
+            f"(invert.levels=planned, {cache.meta.get('plan')}): it lacks {len(missing)} "
+            f"(pair, level) latents this run reads, e.g. level {cache.levels[k]} of pair "
+            f"{cache.pair_ids[position]}; rerun invert with this run's train settings "
+            f"(train.seed, effective_batch, max_steps, timestep_sampling) or invert.levels=all")
 
 
 def save_checkpoint(trainer: Trainer, step: int) -> None:

@@ -49,6 +49,11 @@ class Section(BaseModel):
             kept[name] = getattr(self, name)
         return _plain(kept)
 
+    def borrowed_settings(self, settings: Settings) -> dict[str, Any]:
+        """Settings of other sections that this section's values make part of its stage's
+        output (and key), by name; none unless a section says so."""
+        return {}
+
 
 def is_result_setting(field: Any) -> bool:
     """False for a `runtime_setting` field: it cannot change what its stage computes."""
@@ -90,6 +95,17 @@ class ModelSettings(Section):
         "float16", description="Weights dtype of the frozen models (VAE, text encoder, reference)."
     )
     device: str = runtime_setting("auto", "auto | cpu | cuda | cuda:N.")
+    # GPU fast paths (smpo_core/acceleration.py): the same computation up to float rounding,
+    # so not in any key; each a no-op on the CPU. bench/gpu.sh measures each on and off.
+    tf32: bool = runtime_setting(True, "TF32 tensor cores for float32 matmuls on a GPU.")
+    attention: Literal["sdpa", "classic"] = runtime_setting(
+        "sdpa", "Attention kernel: PyTorch's fused scaled_dot_product_attention or the "
+        "explicit softmax(QK^T)V.")
+    channels_last: bool = runtime_setting(
+        False, "Channels-last memory layout for the UNet and VAE on a GPU.")
+    compile: list[Literal["unet", "vae", "text_encoder", "text_encoder_2"]] = runtime_setting(
+        [], "Parts to torch.compile where they only run inference (invert, evaluate, the "
+        "frozen reference); compiling costs minutes once.")
 
 
 class DownloadSettings(Section):
@@ -133,6 +149,10 @@ class ScoreSettings(Section):
     device: str = runtime_setting("auto", "auto | cpu | cuda | cuda:N.")
 
 
+# The train settings that decide which pairs a run draws and at which levels (TrainingPlan).
+PLAN_SETTINGS = ("seed", "effective_batch", "max_steps", "timestep_sampling")
+
+
 class InvertSettings(Section):
     """The ReNoise inversion that caches each pair's latent trajectory (§3)."""
 
@@ -146,8 +166,18 @@ class InvertSettings(Section):
         "training consumes: train.max_steps x train.effective_batch); None: every pair."
     )
     seed: int = Field(0, description="Seed of the pair sample and the VAE posterior samples.")
+    levels: Literal["all", "planned"] = Field(
+        "all", description="all: every pair at all K levels (one cache for any training run, "
+        "and for studies); planned: only the (pair, level) latents the training run set by "
+        f"train.{', train.'.join(PLAN_SETTINGS)} will read, about (K + 1) / 2 inversion levels "
+        "a read pair and one stored level per read; training refuses it if it needs more.")
     batch_size: int = runtime_setting(8, "Pairs per inversion batch.")
     shard_pairs: int = runtime_setting(256, "Pairs per safetensors shard.")
+
+    def borrowed_settings(self, settings: Settings) -> dict[str, Any]:
+        if self.levels == "all":
+            return {}
+        return {"train.plan": {name: getattr(settings.train, name) for name in PLAN_SETTINGS}}
 
 
 class TrainSettings(Section):

@@ -13,8 +13,9 @@ import dataclasses
 import functools
 import math
 import time
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass
+from typing import Any
 
 import torch
 from diffusers import UNet2DConditionModel
@@ -117,6 +118,14 @@ class TrainingPlan:
         if self.num_pairs < 1:
             raise ValueError("the trajectory cache holds no pairs")
 
+    @classmethod
+    def of_run(cls, train: Any, levels: Sequence[int], num_pairs: int,
+               num_train_timesteps: int) -> TrainingPlan:
+        """The plan of a run with these train settings over a cache of `num_pairs` pairs:
+        what training draws, and what the invert stage plans a cache for."""
+        return cls(num_pairs, train.effective_batch, train.seed, tuple(levels),
+                   num_train_timesteps, train.timestep_sampling, train.empty_caption_prob)
+
     def _order(self, epoch: int) -> torch.Tensor:
         return _epoch_order(self.num_pairs, self.seed, epoch)
 
@@ -144,6 +153,17 @@ class TrainingPlan:
         drop = torch.rand(self.effective_batch, generator=generator) < self.empty_caption_prob
         noise_seed = torch.randint(2**62, (self.effective_batch,), generator=generator)
         return StepPlan(positions, t, k, drop, noise_seed)
+
+
+def levels_read(plan: TrainingPlan, max_steps: int) -> dict[int, set[int]]:
+    """Cache position -> the inversion level indices that steps 0..max_steps-1 of the plan
+    read of that pair: all a cache for this run must hold (invert.levels=planned)."""
+    read: dict[int, set[int]] = {}
+    for step in range(max_steps):
+        drawn = plan.step(step)
+        for position, k in zip(drawn.positions.tolist(), drawn.k.tolist(), strict=True):
+            read.setdefault(position, set()).add(k)
+    return read
 
 
 def _generator(*seeds: int) -> torch.Generator:

@@ -6,6 +6,10 @@ Layout of a cache folder:
                            SDXL adds pooled (N, P) and time_ids (N, 2, 6)
   index-NNNNN.parquet      pair_id, shard, row of each pair in that shard; written after the shard,
                            so a shard counts as complete once its index exists (resume point)
+A planned cache (invert.levels=planned) keeps, of each pair, only the levels training will
+read: its shards hold z as (M, 2, C, H, W) rows, one per kept (pair, level), with z_row and
+z_level (M,) saying whose and which; its index adds `levels`, the kept level indices of
+each pair (empty for a pair training never draws).
   empty_text.safetensors   the empty caption's embedding (for caption dropout in training)
 """
 
@@ -25,7 +29,7 @@ from safetensors.torch import save_file
 
 from smpo_core import faults
 from smpo_core.errors import SmpoError
-from smpo_core.inversion import renoise_invert
+from smpo_core.inversion import renoise_invert, renoise_invert_to
 from smpo_core.models import (
     DiffusionModel,
     PromptEmbeds,
@@ -44,11 +48,13 @@ COMPATIBILITY_KEYS = ("base_model", "unet", "resolution", "levels")
 
 
 def expected_bytes(pairs: int, latent_shape: Sequence[int], levels: int,
-                   text_shape: Sequence[int]) -> int:
-    """Size of the cache in fp16: x_0 plus K levels for both images, and the caption embedding."""
+                   text_shape: Sequence[int], stored_levels: int | None = None) -> int:
+    """Size of the cache in fp16: x_0 plus K levels for both images, and the caption embedding.
+    `stored_levels`: a planned cache's kept (pair, level) count in all, instead of pairs x K."""
     latent = 2 * int(torch.tensor(latent_shape).prod())
     text = 2 * int(torch.tensor(text_shape).prod())
-    return pairs * (2 * (1 + levels) * latent + text)
+    kept = pairs * levels if stored_levels is None else stored_levels
+    return pairs * (2 * latent + text) + 2 * kept * latent
 
 
 @dataclass
@@ -72,10 +78,13 @@ def invert_pair_batch(
     renoise_steps: int,
     average: str,
     seed: int = 0,
+    top: Sequence[int] | None = None,
 ) -> InvertedBatch:
     """VAE-encode both images of each pair, encode its caption, ReNoise-invert with the UNet.
 
     The VAE posterior sample of image i of a pair is seeded by (seed, pair_id, i).
+    `top` (one level index per pair): invert each pair only up to that level, as training
+    that reads no higher level needs; its higher levels are NaN (`renoise_invert_to`).
     """
     jpegs = [row[f"jpg_{i}"] for row in rows for i in (0, 1)]
     pixels = torch.stack([jpeg_to_pixels(data, resolution) for data in jpegs])
@@ -88,9 +97,15 @@ def invert_pair_batch(
         time_ids = micro_conditions([image_size(data) for data in jpegs], resolution)
     eps_fn = noise_predictor(model.unet, prompt.hidden.repeat_interleave(2, dim=0), pooled,
                              time_ids, model.prediction_type, model.alphas_cumprod.to(z0.device))
+    alphas = model.alphas_cumprod.to(z0.device)
     with torch.no_grad():
-        z = renoise_invert(eps_fn, z0, list(levels), model.alphas_cumprod.to(z0.device),
-                           renoise_steps=renoise_steps, average=average)  # (K, 2B, C, H, W)
+        if top is None:
+            z = renoise_invert(eps_fn, z0, list(levels), alphas, renoise_steps=renoise_steps,
+                               average=average)  # (K, 2B, C, H, W)
+        else:
+            z = renoise_invert_to(eps_fn, z0, list(levels),
+                                  torch.tensor(top).repeat_interleave(2), alphas,
+                                  renoise_steps=renoise_steps, average=average)
     batch = len(rows)
     z = z.movedim(0, 1).reshape(batch, 2, len(levels), *z0.shape[1:])
     return InvertedBatch(
@@ -132,22 +147,34 @@ def check_cache(folder: Path, pairs: int) -> None:
             f"not marking it complete: rerun with --force invert")
 
 
-def write_shard(folder: Path, shard: int, pair_ids: list[int], batches: list[InvertedBatch]) -> int:
-    """Write one shard and then its index; returns the bytes written."""
+def write_shard(folder: Path, shard: int, pair_ids: list[int], batches: list[InvertedBatch],
+                keep: list[list[int]] | None = None) -> int:
+    """Write one shard and then its index; returns the bytes written. `keep`: per pair, the
+    level indices to store (a planned cache); None stores every level."""
     tensors = {
         # Size/crop ids are pixel counts: fp16 would round sizes above 2048.
         name: torch.cat([b.tensors()[name] for b in batches])
         .to(torch.float32 if name == "time_ids" else CACHE_DTYPE).contiguous().cpu()
         for name in batches[0].tensors()
     }
-    target = folder / f"shard-{shard:05d}.safetensors"
-    with atomic_path(target) as tmp:
-        save_file(tensors, str(tmp))
-    index = pa.table({
+    columns = {
         "pair_id": pa.array(pair_ids, pa.int64()),
         "shard": pa.array([shard] * len(pair_ids), pa.int32()),
         "row": pa.array(range(len(pair_ids)), pa.int32()),
-    })
+    }
+    if keep is not None:
+        rows = torch.tensor([row for row, kept in enumerate(keep) for _ in kept], dtype=torch.int32)
+        kept_levels = torch.tensor([k for kept in keep for k in kept], dtype=torch.int32)
+        tensors["z"] = tensors["z"][rows.long(), :, kept_levels.long()].contiguous()
+        if tensors["z"].isnan().any():
+            raise SmpoError(f"trajectory cache shard {shard}: a kept level was never inverted "
+                            f"(NaN); the inversion's top levels must cover the kept ones")
+        tensors |= {"z_row": rows, "z_level": kept_levels}
+        columns["levels"] = pa.array(keep, pa.list_(pa.int32()))
+    target = folder / f"shard-{shard:05d}.safetensors"
+    with atomic_path(target) as tmp:
+        save_file(tensors, str(tmp))
+    index = pa.table(columns)
     with atomic_path(folder / f"index-{shard:05d}.parquet") as tmp:
         pq.write_table(index, tmp)
     return target.stat().st_size
@@ -171,17 +198,21 @@ def build_cache(
     batch_size: int,
     shard_pairs: int,
     on_shard: Callable[[int, int], None] | None = None,
+    keep: Callable[[int], list[int]] | None = None,
 ) -> dict[str, int]:
     """Invert pairs shard by shard; shards already complete are skipped (resume after a crash).
 
     The pairs to skip are those the complete shards' indexes hold, not shards x `shard_pairs`:
     a run resumed with another shard size (a runtime setting) continues after exactly the
-    pairs on disk, its new shards `shard_pairs` long."""
+    pairs on disk, its new shards `shard_pairs` long.
+    `keep(position)`: the level indices to store of the pair at that position (a planned
+    cache; `invert` must have inverted it at least that high)."""
     done_ids = cached_pair_ids(folder)
     done = complete_shards(folder)
     skip = len(done_ids)
     shard, pairs, written = done, 0, 0
     ids: list[int] = []
+    positions: list[int] = []
     rows: list[dict[str, Any]] = []
     pending: list[InvertedBatch] = []
 
@@ -193,12 +224,14 @@ def build_cache(
     def flush_shard() -> None:
         nonlocal shard, written
         flush_batch()
-        written += write_shard(folder, shard, ids, pending)
+        kept = [keep(position) for position in positions] if keep else None
+        written += write_shard(folder, shard, ids, pending, kept)
         faults.reached("invert.shard")
         if on_shard:
             on_shard(shard, pairs)
         shard += 1
         ids.clear()
+        positions.clear()
         pending.clear()
 
     for position, row in enumerate(pair_rows):
@@ -211,6 +244,7 @@ def build_cache(
                     f"written from other pairs: rerun with --force invert")
             continue
         ids.append(row["pair_id"])
+        positions.append(position)
         rows.append(row)
         if len(rows) == batch_size:
             flush_batch()
@@ -236,7 +270,12 @@ class TrajectoryCache:
         self.pair_ids = self.index.column("pair_id").to_pylist() if self.index else []
         self._shards = self.index.column("shard").to_pylist() if self.index else []
         self._rows = self.index.column("row").to_pylist() if self.index else []
+        planned = self.index is not None and "levels" in self.index.column_names
+        #: Per pair, the level indices stored; None: every level (a full cache).
+        self.stored_levels: list[list[int]] | None = (
+            self.index.column("levels").to_pylist() if planned else None)
         self._handles: dict[int, Any] = {}
+        self._planned_index: dict[int, tuple[torch.Tensor, torch.Tensor]] = {}
         with safe_open(str(self.folder / "empty_text.safetensors"), "pt") as handle:
             self.empty_text = handle.get_tensor("text")
             stored = set(handle.keys())
@@ -259,6 +298,14 @@ class TrajectoryCache:
                     f"invert stage with the training settings"
                 )
 
+    def missing_levels(self, needed: dict[int, set[int]]) -> list[tuple[int, int]]:
+        """The (position, level index) pairs of `needed` (position -> level indices) that
+        this cache does not hold; none for a full cache."""
+        if self.stored_levels is None:
+            return []
+        return [(position, k) for position, levels in sorted(needed.items())
+                for k in sorted(levels) if k not in self.stored_levels[position]]
+
     def _shard(self, shard: int) -> Any:
         if shard not in self._handles:
             path = self.folder / f"shard-{shard:05d}.safetensors"
@@ -273,8 +320,25 @@ class TrajectoryCache:
         for position in positions:
             handle = self._shard(self._shards[position])
             row = self._rows[position]
-            stored = set(handle.keys())
+            stored = set(handle.keys()) - {"z_row", "z_level"}
             for name in names or stored:
-                if name in stored:
+                if name == "z" and self.stored_levels is not None:
+                    out.setdefault(name, []).append(self._planned_levels(handle, row))
+                elif name in stored:
                     out.setdefault(name, []).append(handle.get_slice(name)[row:row + 1])
         return {name: torch.cat(parts) for name, parts in out.items()}
+
+    def _planned_levels(self, handle: Any, row: int) -> torch.Tensor:
+        """(1, 2, K, C, H, W) of one pair of a planned cache, NaN at the levels not kept
+        (training checks before it starts that it reads none of them)."""
+        if id(handle) not in self._planned_index:
+            self._planned_index[id(handle)] = (handle.get_tensor("z_row"),
+                                               handle.get_tensor("z_level"))
+        rows, kept = self._planned_index[id(handle)]
+        mine = (rows == row).nonzero().squeeze(1)
+        first = handle.get_slice("z")[0:1]
+        z = torch.full((1, 2, len(self.levels), *first.shape[2:]), float("nan"),
+                       dtype=first.dtype)
+        for i in mine.tolist():
+            z[0, :, int(kept[i])] = handle.get_slice("z")[i:i + 1][0]
+        return z

@@ -155,7 +155,8 @@ class StageRun:
 
 
 def settings_for_key(settings: Settings, stage: str) -> dict[str, Any]:
-    return {name: settings.section(name).result_settings() for name in shared_sections(stage)}
+    key = {name: settings.section(name).result_settings() for name in shared_sections(stage)}
+    return key | settings.section(stage).borrowed_settings(settings)
 
 
 def stage_key_for(settings: Settings, stage: str, input_keys: dict[str, str]) -> str:

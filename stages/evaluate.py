@@ -8,6 +8,7 @@ from __future__ import annotations
 from pathlib import Path
 from typing import Any
 
+from smpo_core.acceleration import FastPaths
 from smpo_core.evaluation import (
     EvaluationConfig,
     MetricSpec,
@@ -36,7 +37,7 @@ def evaluation_config(settings: Settings) -> EvaluationConfig:
                         str(dtype).removeprefix("torch."))
     return EvaluationConfig(sampling, cfg.seed, cfg.images_per_prompt, cfg.bootstrap_resamples,
                             cfg.bootstrap_seed, cfg.batch_size, cfg.metric_batch_size,
-                            cfg.chunk_prompts)
+                            cfg.chunk_prompts, FastPaths.from_settings(model))
 
 
 def metric_specs(ctx: RunContext) -> list[MetricSpec]:

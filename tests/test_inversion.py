@@ -17,6 +17,7 @@ from smpo_core.inversion import (
     implied_noise,
     inversion_levels,
     renoise_invert,
+    renoise_invert_to,
 )
 
 SD15 = {"beta_start": 0.00085, "beta_end": 0.012, "beta_schedule": "scaled_linear"}
@@ -231,3 +232,23 @@ def test_implied_noise_of_inverted_latents_is_float32_target():
 def test_renoise_invert_validates_inputs(levels, kwargs, message):
     with pytest.raises(ValueError, match=message):
         renoise_invert(exact_eps, Z0, levels, ALPHAS_CUMPROD, **kwargs)
+
+
+def test_inverting_up_to_a_level_per_sample_is_the_full_trajectory_cut_there():
+    levels = inversion_levels(5)
+    top = torch.tensor([0, 4, 2, 2])
+    seen = []
+
+    def eps(z, t, rows):
+        seen.append(len(rows))
+        return exact_eps(z, t)
+
+    part = renoise_invert_to(eps, Z0, levels, top, ALPHAS_CUMPROD, 1, "mean")
+    full = renoise_invert(exact_eps, Z0, levels, ALPHAS_CUMPROD, 1, "mean")
+    for b, k in enumerate(top.tolist()):
+        torch.testing.assert_close(part[:k + 1, b], full[:k + 1, b], rtol=0, atol=1e-6)
+        assert part[k + 1:, b].isnan().all()
+    # The authors' online cost: (top + 1) levels x 2 predictions per sample, not K x 2.
+    assert sum(seen) == 2 * (1 + 5 + 3 + 3)
+    with pytest.raises(ValueError, match="top must hold one level index"):
+        renoise_invert_to(eps, Z0, levels, torch.tensor([0, 5, 1, 1]), ALPHAS_CUMPROD)

@@ -371,9 +371,24 @@ def _sd_scheduler():
         num_train_timesteps=1000, clip_sample=False, set_alpha_to_one=False, steps_offset=1)
 
 
-def build_tiny_diffusion(out_dir: Path, seed: int = 0, resolution: int = 32) -> Path:
+TINY_UNET = {"layers_per_block": 1, "block_out_channels": (32, 64),
+             "down_block_types": ("CrossAttnDownBlock2D", "DownBlock2D"),
+             "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D"), "attention_head_dim": 8}
+# ~20M parameters: a size at which a CPU step costs seconds, as a GPU's SD1.5 step does, and
+# the UNet, not the Python around it, dominates (bench/).
+MEDIUM_UNET = {"layers_per_block": 2, "block_out_channels": (64, 128, 256),
+               "down_block_types": ("CrossAttnDownBlock2D", "CrossAttnDownBlock2D",
+                                    "DownBlock2D"),
+               "up_block_types": ("UpBlock2D", "CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+               "attention_head_dim": 8}
+
+
+def build_tiny_diffusion(out_dir: Path, seed: int = 0, resolution: int = 32,
+                         unet: dict | None = None) -> Path:
     """Save a small random SD1.5-shaped `StableDiffusionPipeline` (VAE factor 2) to `out_dir`.
 
+    `unet`: the UNet's size (block channels, layers, block types), TINY_UNET by default,
+    MEDIUM_UNET for the benchmarks' ~20M-parameter model.
     Reload it with `StableDiffusionPipeline.from_pretrained(out_dir, local_files_only=True)`.
     An `out_dir` that already holds a model is returned as it is, whatever its seed.
     """
@@ -393,17 +408,14 @@ def build_tiny_diffusion(out_dir: Path, seed: int = 0, resolution: int = 32) -> 
         tokenizer = build_clip_tokenizer()
         with torch.random.fork_rng(devices=[]):  # seed the weights, not the caller's stream
             torch.manual_seed(seed)
-            unet = UNet2DConditionModel(
-                sample_size=resolution // 2, in_channels=4, out_channels=4, layers_per_block=1,
-                block_out_channels=(32, 64),
-                down_block_types=("CrossAttnDownBlock2D", "DownBlock2D"),
-                up_block_types=("UpBlock2D", "CrossAttnUpBlock2D"),
-                cross_attention_dim=32, attention_head_dim=8)
+            model = UNet2DConditionModel(
+                sample_size=resolution // 2, in_channels=4, out_channels=4,
+                cross_attention_dim=32, **(unet or TINY_UNET))
             vae = _tiny_vae(resolution, scaling_factor=0.18215)
             text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer)))
         scheduler = _sd_scheduler()
         pipeline = StableDiffusionPipeline(
-            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=unet,
+            vae=vae, text_encoder=text_encoder, tokenizer=tokenizer, unet=model,
             scheduler=scheduler, safety_checker=None, feature_extractor=None,
             requires_safety_checker=False)
         pipeline.save_pretrained(path)

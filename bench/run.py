@@ -1,0 +1,272 @@
+"""`make bench`: every performance figure of the pipeline, as ratios measured side by side.
+
+    .venv/bin/python bench/run.py                 # tiny and medium models, ~10 min on 2 cores
+    .venv/bin/python bench/run.py --quick         # every code path on tiny shapes, ~1 min
+
+Writes `bench/results/<date>-<device>.json` (every figure, the machine, the command) and
+`<date>-<device>.md` (the table the README shows), and prints the table. Machines here are
+shared and noisy, so no figure is a time from another run: each comparison alternates its
+variants call by call in this process (`cache_vs_online.interleaved`) and reports medians.
+
+Sections (the baseline of each first):
+- train: online (the authors' code: invert each pair with the policy up to the level its
+  step samples) against cached (read the level from the invert stage's cache), K = 5 and 10,
+  tiny and medium (~20M-parameter UNet, 32x32 latents); `cache_vs_online.py`.
+- whole cost: one online run against invert + one cached run, with the full cache (all K
+  levels of every pair) and with the planned cache (each pair only up to the level training
+  will read); and a 4-run beta sweep (one cache, four trainings) against four online runs.
+  Built from this run's per-pair inversion and per-pair step costs.
+- score: one image per reward-model call, every image of every pair (the authors' scoring)
+  against each unique image once, in batches (the score stage).
+- inversion: pairs/s against batch size, VAE and text encoding included (the invert stage's
+  `invert_pair_batch`), against batch size 1.
+- download: peak RSS of the download stage at N and 10N pairs (`download_memory.py`).
+"""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import json
+import os
+import platform
+import random
+import shutil
+import statistics
+import sys
+import tempfile
+import time
+from datetime import UTC, datetime
+from pathlib import Path
+
+import cache_vs_online as cvo
+import download_memory
+import torch
+
+from smpo_core.inversion import inversion_levels
+from smpo_core.models import resolve_device
+from smpo_core.rewards import load_reward_model
+from smpo_core.scoring import decode_image
+from smpo_core.trajectories import invert_pair_batch
+from smpo_core.worlds.tiny import build_tiny_clip_reward, trainable_pairs
+
+RESULTS = Path(__file__).resolve().parent / "results"
+SWEEP = 4
+
+
+def machine(device: torch.device) -> dict:
+    info = {"platform": platform.platform(), "python": platform.python_version(),
+            "torch": torch.__version__, "device": str(device),
+            "cpu_cores": len(os.sched_getaffinity(0)), "torch_threads": torch.get_num_threads()}
+    with contextlib.suppress(OSError, StopIteration):
+        info["cpu"] = next(line.split(":", 1)[1].strip() for line in
+                           Path("/proc/cpuinfo").read_text().splitlines()
+                           if line.startswith("model name"))
+    if device.type == "cuda":
+        info["gpu"] = torch.cuda.get_device_name(device)
+    return info
+
+
+def inversion_section(model, rows: list[dict], levels: list[int], resolution: int,
+                      batches: list[int], rounds: int) -> dict:
+    """Pairs/s of the invert stage's batch inversion (VAE + text encoding + K levels) per
+    batch size, and of the planned inversion (each pair up to its drawn level) at the
+    largest batch; every variant inverts the same pairs once per call."""
+    _, k = cvo.stratified_draws(levels, len(model.alphas_cumprod), len(rows), seed=1)
+
+    def invert_all(size: int, planned: bool = False):
+        def call(_: int) -> None:
+            for start in range(0, len(rows), size):
+                invert_pair_batch(model, rows[start:start + size], levels, resolution, 1,
+                                  "mean", top=k[start:start + size].tolist() if planned
+                                  else None)
+        return call
+
+    variants = {f"batch {b}": invert_all(b) for b in batches}
+    variants[f"planned, batch {batches[-1]}"] = invert_all(batches[-1], planned=True)
+    with torch.no_grad():
+        times = cvo.interleaved(variants, rounds, model.device)
+    pairs_per_s = {name: len(rows) / statistics.median(s) for name, s in times.items()}
+    base = pairs_per_s[f"batch {batches[0]}"]
+    return {"pairs": len(rows), "levels": len(levels),
+            "pairs_per_second": pairs_per_s,
+            f"speedup_over_batch_{batches[0]}": {name: v / base
+                                                 for name, v in pairs_per_s.items()},
+            "mean_levels_planned": float((k + 1).float().mean())}
+
+
+def whole_cost(train: dict, inversion: dict) -> dict:
+    """Seconds per pair of training data for one run and a sweep, online against cached.
+
+    One run reads each pair once (the paper's 200 steps x 1024 pairs are 0.24 of an epoch),
+    so a run costs per pair: online = one online step's share; cached = the pair's inversion
+    (at the stage's largest measured batch) + one cached step's share.
+    """
+    batch = train["micro_batch"]
+    online = train["online"]["seconds_per_step"] / batch
+    cached = train["cached"]["seconds_per_step"] / batch
+    largest = max((n for n in inversion["pairs_per_second"] if n.startswith("batch")),
+                  key=lambda n: int(n.split()[1]))
+    invert = {"full cache": 1 / inversion["pairs_per_second"][largest],
+              "planned cache": 1 / next(v for n, v in inversion["pairs_per_second"].items()
+                                        if n.startswith("planned"))}
+    out: dict = {"online_seconds_per_pair": online, "cached_train_seconds_per_pair": cached,
+                 "invert_seconds_per_pair": invert}
+    for cache, seconds in invert.items():
+        out[cache] = {
+            "one_run_over_online": (seconds + cached) / online,
+            f"sweep_{SWEEP}_over_{SWEEP}_online": (seconds + SWEEP * cached) / (SWEEP * online),
+        }
+    return out
+
+
+def score_section(folder: Path, pairs: int, rounds: int) -> dict:
+    """Labelling `pairs` pairs in which every image is shared by two pairs (Pick-a-Pic's
+    images recur across pairs): one image per call vs each unique image once, batched."""
+    reward = load_reward_model("pickscore", str(build_tiny_clip_reward(folder / "reward")),
+                               torch.device("cpu"))
+    rows = trainable_pairs(folder / "score-data", pairs, seed=2)
+    jpegs = [row["jpg_0"] for row in rows]  # image j is in pairs (j, j+1) and (j-1, j)
+    captions = [row["caption"] for row in rows]
+    pair_images = [(j, (j + 1) % pairs) for j in range(pairs)]
+
+    def per_image(_: int) -> None:
+        for a, b in pair_images:
+            for image in (a, b):
+                reward.score([decode_image(jpegs[image])], [captions[a]], batch_size=1)
+
+    def unique_batched(_: int) -> None:
+        reward.score([decode_image(data) for data in jpegs], captions, batch_size=32)
+
+    times = cvo.interleaved({"one image per call": per_image,
+                             "unique images, batched": unique_batched}, rounds,
+                            torch.device("cpu"))
+    seconds = {name: statistics.median(s) for name, s in times.items()}
+    return {"pairs": pairs, "image_scorings_per_call_baseline": 2 * pairs,
+            "unique_images": pairs, "seconds": seconds,
+            "pairs_per_second": {name: pairs / s for name, s in seconds.items()},
+            "speedup": seconds["one image per call"] / seconds["unique images, batched"]}
+
+
+def download_section(folder: Path, pairs: int) -> dict:
+    rng = random.Random(0)
+    pool = [download_memory._drawing(rng) for _ in range(download_memory.POOL)]
+    peaks = {}
+    for n in (pairs, 10 * pairs):
+        source = folder / f"parquet-{n}"
+        download_memory.write_source(source, n, pool)
+        out = folder / f"out-{n}"
+        peaks[n], _ = download_memory.measure(source, out, 2048)
+        shutil.rmtree(out, ignore_errors=True)
+        shutil.rmtree(source, ignore_errors=True)
+    return {"pairs": pairs, "peak_rss_mib": {str(n): p for n, p in peaks.items()},
+            "ratio_10N_over_N": peaks[10 * pairs] / peaks[pairs]}
+
+
+def table(result: dict) -> str:
+    lines = ["| figure | baseline | ours | ratio |", "|---|---|---|---|"]
+    for size, by_k in result["train"].items():
+        for k, train in by_k.items():
+            all_k = (f" (all-K online: {train['online_all_K_over_cached']:.2f}x)"
+                     if "online_all_K_over_cached" in train else "")
+            lines.append(
+                f"| train step, {size}, K={k} | online to level k "
+                f"{train['online']['pairs_per_second']:.3f} pairs/s | cached "
+                f"{train['cached']['pairs_per_second']:.3f} pairs/s | "
+                f"**{train['online_over_cached']:.2f}x** faster{all_k} |")
+            cost = result["whole_cost"][size][k]
+            for cache in ("full cache", "planned cache"):
+                c = cost[cache]
+                lines.append(
+                    f"| whole cost, {size}, K={k}, {cache} | 1 / {SWEEP} online runs | invert "
+                    f"+ 1 / {SWEEP} cached runs | **{c['one_run_over_online']:.2f}x** / "
+                    f"**{c[f'sweep_{SWEEP}_over_{SWEEP}_online']:.2f}x** of online |")
+    for size, inv in result["inversion"].items():
+        cells = ", ".join(f"{name} {v:.2f}" for name, v in inv["pairs_per_second"].items())
+        best = max(v for n, v in inv["speedup_over_batch_1"].items() if n.startswith("batch"))
+        planned = inv["speedup_over_batch_1"][next(n for n in inv["speedup_over_batch_1"]
+                                                   if n.startswith("planned"))]
+        lines.append(f"| inversion pairs/s, {size}, K={inv['levels']} (VAE incl.) | batch 1 | "
+                     f"{cells} | **{best:.2f}x** at best batch (planned: {planned:.2f}x) |")
+    score = result["score"]
+    lines.append(f"| score, {score['pairs']} pairs sharing images | one image per call "
+                 f"{score['pairs_per_second']['one image per call']:.1f} pairs/s | unique, "
+                 f"batched {score['pairs_per_second']['unique images, batched']:.1f} pairs/s "
+                 f"| **{score['speedup']:.2f}x** faster |")
+    if "download" in result:
+        d = result["download"]
+        peak = d["peak_rss_mib"]
+        lines.append(f"| download peak RSS | N = {d['pairs']}: {peak[str(d['pairs'])]:.0f} MiB "
+                     f"| 10N: {peak[str(10 * d['pairs'])]:.0f} MiB | "
+                     f"**{d['ratio_10N_over_N']:.2f}x** |")
+    return "\n".join(lines)
+
+
+def main() -> int:
+    parser = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    parser.add_argument("--quick", action="store_true",
+                        help="tiny model only, few steps: checks every code path in ~1 min")
+    parser.add_argument("--device", default="auto")
+    parser.add_argument("--out", type=Path, default=RESULTS)
+    parser.add_argument("--threads", type=int, default=0,
+                        help="torch CPU threads (default: torch's choice); 1 is faster when "
+                        "other jobs share the cores (spinning threads fight for them)")
+    args = parser.parse_args()
+    device = resolve_device(args.device)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.perf_counter()
+
+    def say(what: str) -> None:
+        print(f"[{time.perf_counter() - started:5.0f} s] {what}", flush=True)
+    # Per model: timed train steps, pairs per step, pairs inverted, inversion batch sizes,
+    # rounds, and whether to time the old all-K online baseline too.
+    plan = ([("tiny", 3, 2, 4, [1, 4], 1, True)] if args.quick else
+            [("tiny", 12, 2, 8, [1, 2, 4, 8], 3, True), ("medium", 3, 1, 2, [1, 2], 1, False)])
+    result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                    "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                    "machine": machine(device), "train": {}, "whole_cost": {},
+                    "inversion": {}}
+    work = Path(tempfile.mkdtemp(prefix="smpo-bench-"))
+    try:
+        for size, steps, batch, pairs, batches, rounds, all_k in plan:
+            model, resolution = cvo.build_model(size, work, device)
+            rows = trainable_pairs(work / "data", pairs, seed=1)
+            result["train"][size], result["whole_cost"][size] = {}, {}
+            for k in (5, 10):
+                levels = inversion_levels(k, len(model.alphas_cumprod))
+                say(f"{size}, K={k}: inversion")
+                # Every batch size at K = 5; at K = 10 only what the whole cost needs.
+                inversion = inversion_section(model, rows, levels, resolution,
+                                              batches if k == 5 else batches[-1:], rounds)
+                if k == 5:
+                    result["inversion"][size] = inversion
+                say(f"{size}, K={k}: train steps")
+                cache = cvo.invert_cache(model, rows, levels, resolution)
+                train = cvo.measure_train_steps(model, cache, levels, batch, steps,
+                                                with_all_levels=all_k)
+                result["train"][size][k] = train
+                result["whole_cost"][size][k] = whole_cost(train, inversion)
+            del model
+        say("score")
+        result["score"] = score_section(work, 16 if args.quick else 64, 1 if args.quick else 3)
+        say("download")
+        result["download"] = download_section(work, 40 if args.quick else 200)
+    finally:
+        shutil.rmtree(work, ignore_errors=True)
+    result["seconds"] = time.perf_counter() - started
+    text = table(result)
+    print(text)
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.now(UTC):%Y-%m-%d}-{device.type}" + ("-quick" if args.quick else "")
+    (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
+    (args.out / f"{stem}.md").write_text(
+        f"`{result['command']}` on {result['machine'].get('cpu', result['machine']['platform'])}"
+        f" ({result['machine']['cpu_cores']} cores), {result['date']}, "
+        f"{result['seconds'] / 60:.1f} min\n\n{text}\n")
+    print(f"wrote {args.out / stem}.json and .md ({result['seconds'] / 60:.1f} min)")
+    return 0
+
+
+if __name__ == "__main__":
+    sys.exit(main())
