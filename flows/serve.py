@@ -400,6 +400,16 @@ def _shown(path: Path) -> str:
         return str(path)
 
 
+def served(store: Path) -> dict | None:
+    """What `make serve` serves for this store (ports, pool) while its Prefect server runs,
+    else None: `smpo run` then sends its flow runs there."""
+    state = _state(Config(Path(store).expanduser().resolve(), 0, 0, DEFAULT_POOL))
+    if not state:
+        return None
+    cfg = Config(Path(state["store"]), state["prefect_port"], state["mlflow_port"], state["pool"])
+    return state if running(cfg, "prefect-server") else None
+
+
 def deploy(cfg: Config) -> None:
     """Register the deployments on the Prefect server PREFECT_API_URL names (a server this
     module did not start, e.g. docker/compose.yaml's)."""

@@ -17,6 +17,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed
 from tqdm import tqdm
 
 from smpo_core.settings import STAGES, Settings, shared_sections
@@ -52,6 +53,7 @@ class StageResult:
     reused: bool
     seconds: float
     summary: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""  # the stage's MLflow run
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -68,33 +70,51 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 class Progress:
-    """A terminal progress bar plus a Prefect progress artifact, updated at most every 2 s."""
+    """How far a stage is, on one channel at a time: a terminal bar when a person watches
+    stderr, else a log line at every tenth (the worker's log, a captured run). A Prefect
+    progress artifact moves at every quarter only: each move is an API call and an event
+    that `prefect deployment run --watch` prints."""
+
+    LOG_EVERY = 10  # percent between log lines when no terminal bar is shown
+    ARTIFACT_EVERY = 25  # percent between moves of the Prefect progress artifact
+    UNSIZED_LOG_SECONDS = 30.0  # unknown totals: a "N done" line this often
 
     def __init__(self, stage: str, total: int | None, unit: str):
         self.stage, self.total, self.done = stage, total or None, 0
         self.bar = tqdm(total=self.total, desc=stage, unit=unit, file=sys.stderr, leave=False,
-                        dynamic_ncols=True)
+                        dynamic_ncols=True) if _terminal() else None
         self._artifact = _progress_artifact(stage)
-        self._last = 0.0
+        self._logged = self._shown = 0  # the last tenth logged, quarter shown
+        self._last = time.monotonic()
 
     def update(self, amount: int = 1) -> None:
         self.done += amount
-        self.bar.update(amount)
-        now = time.monotonic()
-        finished = self.total is not None and self.done >= self.total
-        if now - self._last < 2.0 and not finished:
-            return
-        self._last = now
+        if self.bar is not None:
+            self.bar.update(amount)
         if self.total is None:  # unknown length: say how far, not what fraction
-            logger().info("%s: %d done", self.stage, self.done)
+            if self.bar is None and time.monotonic() - self._last >= self.UNSIZED_LOG_SECONDS:
+                self._last = time.monotonic()
+                logger().info("%s: %d done", self.stage, self.done)
             return
         percent = min(100.0, 100.0 * self.done / self.total)
-        if self._artifact:
+        if self._artifact and int(percent // self.ARTIFACT_EVERY) > self._shown:
+            self._shown = int(percent // self.ARTIFACT_EVERY)
             _update_progress(self._artifact, percent)
-        logger().info("%s: %d/%d (%.0f%%)", self.stage, self.done, self.total, percent)
+        if self.bar is None and int(percent // self.LOG_EVERY) > self._logged:
+            self._logged = int(percent // self.LOG_EVERY)
+            logger().info("%s: %d/%d (%.0f%%)", self.stage, self.done, self.total, percent)
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _terminal() -> bool:
+    """A person watches stderr (not a worker's log file or a test's capture)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
 
 
 def in_prefect_run() -> bool:
@@ -157,6 +177,25 @@ def settings_for_key(settings: Settings, stage: str) -> dict[str, Any]:
     return {name: settings.section(name).result_settings() for name in shared_sections(stage)}
 
 
+def lineage(stage: str) -> list[str]:
+    """The stage and every stage upstream of it, in registry order."""
+    needed = {stage}
+    for name in reversed(STAGES):
+        if name in needed:
+            needed.update(STAGES[name].upstream)
+    return [name for name in STAGES if name in needed]
+
+
+def tracked_settings(settings: Settings, stage: str) -> dict[str, Any]:
+    """A stage run's params: the result settings of it and of every stage upstream (they
+    all determine its output, so evaluate runs of two betas differ in `train.beta`), and
+    its own runtime settings."""
+    tracked: dict[str, Any] = {}
+    for name in lineage(stage):
+        tracked |= settings_for_key(settings, name)
+    return tracked | {stage: settings.section(stage).model_dump(mode="json")}
+
+
 def stage_key_for(settings: Settings, stage: str, input_keys: dict[str, str]) -> str:
     """The key of a stage's output: its result settings, its inputs' keys, its version."""
     return stage_key(stage, settings_for_key(settings, stage), input_keys,
@@ -183,8 +222,7 @@ def run_stage(
     tags = {"smpo.stage": stage, "smpo.key": key, "smpo.reused": str(reused).lower(),
             "smpo.output": str(out_dir), "smpo.profile": ctx.settings.profile}
     with tracking.run(client, ctx.experiment_id, stage, tags, ctx.parent_run_id) as tracker:
-        tracker.params(settings_for_key(ctx.settings, stage)
-                       | {stage: ctx.settings.section(stage).model_dump()})
+        tracker.params(tracked_settings(ctx.settings, stage))
         if reused:
             logger().info("%s: reusing %s", stage, out_dir)
             manifest = read_manifest(out_dir)
@@ -207,11 +245,11 @@ def run_stage(
             store.complete(stage, key, manifest)
             for path in run.artifacts:
                 tracker.artifact(path)
-        tracker.metrics({f"manifest.{k}": v for k, v in tracking.flatten(
-            {k: v for k, v in manifest.items() if k != "settings"}).items()})
+        # The manifest is a record, not a measurement: an artifact, never metrics.
         tracker.artifact(out_dir / MANIFEST)
     result = StageResult(stage, key, str(out_dir), reused, time.perf_counter() - started,
-                         {k: v for k, v in manifest.items() if k not in ("settings", "inputs")})
+                         {k: v for k, v in manifest.items() if k not in ("settings", "inputs")},
+                         tracker.run_id)
     _summary_artifact(result)
     return result
 
@@ -230,7 +268,9 @@ def _summary_artifact(result: StageResult) -> None:
 
         lines = [f"### {result.stage} ({'reused' if result.reused else 'ran'})",
                  f"`{result.path}`", "", "| field | value |", "|---|---|"]
-        for name, value in tracking.flatten(result.summary).items():
+        # Evaluation results have a table artifact of their own (flows/pipeline.py).
+        shown = {k: v for k, v in result.summary.items() if k != "results"}
+        for name, value in tracking.flatten(shown).items():
             lines.append(f"| {name} | {value} |")
         create_markdown_artifact("\n".join(lines), key=f"{result.stage}-summary",
                                  description=f"{result.stage} manifest")
@@ -239,6 +279,7 @@ def _summary_artifact(result: StageResult) -> None:
 
 
 _TASKS: dict[tuple[str, str], Task] = {}
+REUSED = "Reused"  # the state name of a stage task whose output existed
 
 
 def stage_task(name: str) -> Task:
@@ -250,7 +291,10 @@ def stage_task(name: str) -> Task:
 
         def run(ctx: RunContext, inputs: dict[str, StageResult] | None = None,
                 force: bool = False) -> StageResult:
-            return run_stage(ctx, name, inputs or {}, module.compute, force)
+            result = run_stage(ctx, name, inputs or {}, module.compute, force)
+            # A reused stage ends in a Completed state named "Reused": the Prefect UI then
+            # tells it from a stage that ran.
+            return Completed(name=REUSED, data=result) if result.reused else result
 
         # Prefect keys a task by its function's name: one per stage.
         run.__name__ = run.__qualname__ = f"{name}_stage"

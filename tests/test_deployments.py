@@ -266,7 +266,8 @@ def test_a_bad_source_fails_the_flow_run_with_its_message(served, failed_runs):
 @pytest.mark.integration
 def test_a_deployment_run_gets_the_checks_of_smpo_run(served, failed_runs):
     run = failed_runs["misspelt_force"]
-    _failed_with(served, run, "--force 'trian': unknown; expected some of download")
+    _failed_with(served, run, "--force 'trian': unknown (did you mean 'train'?); expected some "
+                 "of download")
     assert served.search_runs(f"tags.`prefect.flow_run_id` = '{run.flow_run_id}'") == []
 
 
