@@ -13,7 +13,6 @@ it starts Prefect (a temporary server takes seconds) and hands its plan to the f
 from __future__ import annotations
 
 import subprocess
-import time
 from pathlib import Path
 from typing import Any
 
@@ -24,7 +23,7 @@ from flows.plan import RunPlan, plan_run, run_name
 from smpo_core.evaluation import result_rows
 from smpo_core.settings import STAGES
 from stages import tracking
-from stages.common import RunContext, StageResult, in_prefect_run, stage_task
+from stages.common import RunContext, StageResult, in_prefect_run, quiet_libraries, stage_task
 
 
 def code_version() -> str:
@@ -78,6 +77,7 @@ def smpo(
     `force`: stages to recompute although their outputs exist."""
     run = (_CHECKED.pop(_request(stages, profile, overrides, store, force), None)
            or plan_run(stages, profile, overrides, store, force))
+    quiet_libraries()
     settings = run.settings
     run.store.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(run.tracking_uri)

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -115,6 +116,34 @@ def _terminal() -> bool:
         return sys.stderr.isatty()
     except (AttributeError, ValueError):  # replaced or closed stream
         return False
+
+
+class _DropNotices(logging.Filter):
+    """Drops library notices that say nothing to a user of smpo."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' loading and download bars and known notices: each stage reports
+    its own progress, on one channel (Progress)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # Without torchvision (PLATFORM.md) transformers falls back to the PIL image processors,
+    # the ones the reward models were checked against: nothing to act on.
+    notices = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropNotices) for f in notices.filters):
+        notices.addFilter(_DropNotices("requires torchvision (not installed)"))
 
 
 def in_prefect_run() -> bool:

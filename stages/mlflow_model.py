@@ -26,7 +26,7 @@ from diffusers import AutoencoderKL, DiffusionPipeline, UNet2DConditionModel
 class TunedPipeline(mlflow.pyfunc.PythonModel):
     """Loads the tuned diffusers pipeline; `predict` draws one image per prompt."""
 
-    def load_context(self, context: Any) -> None:
+    def load_context(self, context):
         config = context.model_config
         dtype = torch.float32
         parts: dict[str, Any] = {}
@@ -45,7 +45,8 @@ class TunedPipeline(mlflow.pyfunc.PythonModel):
         pipeline.set_progress_bar_config(disable=True)
         self.pipeline = pipeline.to("cuda" if torch.cuda.is_available() else "cpu")
 
-    def predict(self, context: Any, model_input: Any, params: dict | None = None) -> list:
+    # No type hints on predict: MLflow would read them as a schema of their own.
+    def predict(self, context, model_input, params=None):
         """Prompts (a list, or a DataFrame's `prompt` column) to images as uint8 arrays
         (height x width x 3); params: num_inference_steps, guidance_scale, seed."""
         prompts = list(model_input["prompt"] if hasattr(model_input, "columns") else model_input)

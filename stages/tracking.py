@@ -7,6 +7,7 @@ fluent active-run stack is per thread and Prefect runs tasks in worker threads.
 from __future__ import annotations
 
 import time
+import warnings
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -59,21 +60,64 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# MLflow 3 opens an experiment on its GenAI overview unless this tag says it holds model
+# training runs; then it opens on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, uri: str, store_root: Path) -> str:
-    """The experiment's id, created on first use."""
+    """The experiment's id, created on first use, marked as one of model training."""
     name = environment().experiment
     found = client.get_experiment_by_name(name)
     if found:
+        if found.tags.get("mlflow.experimentKind") is None:  # created by an older smpo
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     # A remote server decides where artifacts live; a local store keeps them beside the data.
     location = None if uri.startswith(("http://", "https://")) else Store(store_root).artifacts_uri
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by another process: read it back
         found = client.get_experiment_by_name(name)
         if not found:
             raise
         return found.experiment_id
+
+
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+def log_tuned_model(tracker: Tracker, weights: Path, kind: str, base: dict[str, Any]) -> str:
+    """A train stage's weights (`kind`: unet or lora) as an MLflow logged model of its run,
+    a pyfunc whose code is stages/mlflow_model.py and which loads as a diffusers pipeline
+    on `base` (base, revision, vae). Returns its `models:/` URI."""
+    import importlib.metadata
+
+    import mlflow
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        params=ParamSchema([ParamSpec("num_inference_steps", "long", 25),
+                            ParamSpec("guidance_scale", "double", 7.5),
+                            ParamSpec("seed", "long", 0)]))
+    requirements = [f"{name}=={importlib.metadata.version(name)}"
+                    for name in ("mlflow", "torch", "diffusers", "transformers", "peft")]
+    # Model.log reads the tracking URI from MLflow's global setting, not from our client.
+    mlflow.set_tracking_uri(tracker.client.tracking_uri)
+    with warnings.catch_warnings():  # an input example would mean drawing images at log time
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=tracker.run_id,
+                         name=f"tuned-{kind}", python_model=str(MODEL_CODE),
+                         artifacts={"weights": str(weights)},
+                         model_config={"weights_kind": kind}
+                         | {k: v for k, v in base.items() if v is not None},
+                         signature=signature, pip_requirements=requirements,
+                         tags={"smpo.weights": kind})
+    tracker.tags({"smpo.model_uri": info.model_uri})
+    return info.model_uri
 
 
 @contextmanager

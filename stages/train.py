@@ -42,6 +42,7 @@ from smpo_core.training import (
 from smpo_core.trajectories import TrajectoryCache
 from stages.common import Progress, StageRun
 from stages.score import LABELS
+from stages.tracking import log_tuned_model
 
 STATE = "train_state.pt"
 HISTORY = "history.json"
@@ -78,6 +79,9 @@ def compute(run: StageRun) -> dict[str, Any]:
                                              {k: [h.get(k, np.nan) for h in history]
                                               for k in keys}))
     run.artifacts.append(run.out_dir / HISTORY)
+    model = run.settings.model
+    log_tuned_model(run.tracker, run.out_dir / summary["weights"], summary["weights"],
+                    {"base": base, "revision": model.revision, "vae": run.ctx.resolve(model.vae)})
     return summary
 
 
