@@ -296,14 +296,14 @@ def print_runs(store: Path) -> None:
     combined = [flatten(m.get("settings", {})) | settings.get(m.get("inputs", {}).get("train"), {})
                 for _, m in evaluations]
     differ = _differing(combined)
-    print(f"{'key':<18} {'finished':<20} {'train':<18} {'results':<40}  settings")
+    print(f"{'key':<18} {'finished':<20} {'train':<18} settings / results")
     for (folder, manifest), values in zip(evaluations, combined, strict=True):
-        results = "  ".join(f"{r['metric']} {r['tuned']:.4g} vs {r['base']:.4g} "
-                            f"({r['win_rate']:.2f})"
+        results = ", ".join(f"{r['metric']} {r['tuned']:.4g} vs {r['base']:.4g} "
+                            f"(win {r['win_rate']:.2f})"
                             for r in result_rows(manifest.get("results", {})))
         print(f"{folder.name:<18} {_when(manifest):<20} "
-              f"{manifest.get('inputs', {}).get('train', '?'):<18} {results:<40}  "
-              f"{_shown(values, differ)}")
+              f"{manifest.get('inputs', {}).get('train', '?'):<18} {_shown(values, differ)}"
+              f"\n{'':<58} {results}")
 
 
 def _differing(rows: list[dict[str, Any]]) -> list[str]:

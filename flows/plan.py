@@ -166,7 +166,7 @@ def _why_new(outputs: list[tuple[Path, dict]], settings: dict, inputs: dict[str,
     then = flatten(latest.get("settings", {}))
     changed = [f"{k} {then.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
                for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
-    changed += [f"new {name} output" for name, key in inputs.items()
+    changed += [f"new {name} output {key}" for name, key in inputs.items()
                 if latest.get("inputs", {}).get(name) != key]
     if latest.get("version") != version:
         changed.append(f"stage version {latest.get('version')} -> {version}")

@@ -8,9 +8,9 @@ needs MLflow, torch and diffusers only, not this repository:
     pipe = model.unwrap_python_model().pipeline          # a diffusers pipeline
     images = model.predict(["a red cube on a table"])   # or: draw through pyfunc
 
-The model's config names the base (`base`, `revision`, `vae`: a diffusers folder or hub id,
-read when the model loads) and `weights_kind` (`unet` or `lora`); the weights themselves are
-the model's `weights` artifact.
+The model's config (`pipeline`; MLflow shows it as the run's `pipeline/...` params) names the
+base (`base`, `revision`, `vae`: a diffusers folder or hub id, read when the model loads) and
+`weights_kind` (`unet` or `lora`); the weights themselves are the model's `weights` artifact.
 """
 
 from __future__ import annotations
@@ -27,7 +27,7 @@ class TunedPipeline(mlflow.pyfunc.PythonModel):
     """Loads the tuned diffusers pipeline; `predict` draws one image per prompt."""
 
     def load_context(self, context):
-        config = context.model_config
+        config = context.model_config["pipeline"]
         dtype = torch.float32
         parts: dict[str, Any] = {}
         if config.get("vae"):

@@ -112,8 +112,8 @@ def log_tuned_model(tracker: Tracker, weights: Path, kind: str, base: dict[str, 
         info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=tracker.run_id,
                          name=f"tuned-{kind}", python_model=str(MODEL_CODE),
                          artifacts={"weights": str(weights)},
-                         model_config={"weights_kind": kind}
-                         | {k: v for k, v in base.items() if v is not None},
+                         model_config={"pipeline": {"weights_kind": kind} | {
+                             k: v for k, v in base.items() if v is not None}},
                          signature=signature, pip_requirements=requirements,
                          tags={"smpo.weights": kind})
     tracker.tags({"smpo.model_uri": info.model_uri})
