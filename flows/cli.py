@@ -152,6 +152,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Offline machines: Prefect's temporary server would log a failed telemetry call each run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its start takes 4-10 s on a quiet machine, a minute on 2 busy cores (default limit 20 s).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         if args.command == "settings":
             print_settings(args.profile, args.overrides)

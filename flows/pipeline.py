@@ -23,7 +23,14 @@ from flows.plan import RunPlan, plan_run, run_name
 from smpo_core.evaluation import result_rows
 from smpo_core.settings import STAGES
 from stages import tracking
-from stages.common import RunContext, StageResult, in_prefect_run, quiet_libraries, stage_task
+from stages.common import (
+    RunContext,
+    StageResult,
+    in_prefect_run,
+    quiet_libraries,
+    stage_result,
+    stage_task,
+)
 
 
 def code_version() -> str:
@@ -95,7 +102,8 @@ def smpo(
         results: dict[str, StageResult] = {}
         for stage in run.stages:
             inputs = {name: results[name] for name in STAGES[stage].upstream}
-            results[stage] = stage_task(stage)(ctx, inputs, force=stage in run.forced)
+            results[stage] = stage_result(stage_task(stage)(ctx, inputs,
+                                                            force=stage in run.forced))
         parent.metrics(headline_metrics(results))
         parent.tags({"smpo.ran": ",".join(s for s, r in results.items() if not r.reused)})
     if "evaluate" in results:

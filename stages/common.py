@@ -18,7 +18,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
-from prefect.states import Completed
+from prefect.states import Completed, State
 from tqdm import tqdm
 
 from smpo_core.settings import STAGES, Settings, shared_sections
@@ -305,6 +305,11 @@ def _summary_artifact(result: StageResult) -> None:
                                  description=f"{result.stage} manifest")
     except Exception as exc:  # outside a Prefect run there is nowhere to show it
         logging.getLogger("smpo").debug("summary artifact skipped: %s", exc)
+
+
+def stage_result(outcome: StageResult | State) -> StageResult:
+    """What a stage task returned: its StageResult, which a reused stage's state carries."""
+    return outcome.result() if isinstance(outcome, State) else outcome
 
 
 _TASKS: dict[tuple[str, str], Task] = {}
