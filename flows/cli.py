@@ -266,8 +266,10 @@ def _mlflow_ui(store: Path, uri: str) -> str:
                 f"http://127.0.0.1:5000)")
     from mlflow.tracking import MlflowClient
 
+    from stages.tracking import runs_table_url
+
     experiment = MlflowClient(uri).get_experiment_by_name(environment().experiment)
-    return f"{base}/#/experiments/{experiment.experiment_id}/runs" if experiment else base
+    return runs_table_url(base, experiment.experiment_id) if experiment else base
 
 
 def print_runs(store: Path) -> None:

@@ -73,11 +73,12 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
 class Progress:
     """How far a stage is, on one channel at a time: a terminal bar when a person watches
     stderr, else a log line at every tenth (the worker's log, a captured run). A Prefect
-    progress artifact moves at every quarter only: each move is an API call and an event
-    that `prefect deployment run --watch` prints."""
+    progress artifact moves at every quarter. Both at most every 15 s, and at the end: each
+    line and each move is an event `prefect deployment run --watch` prints."""
 
     LOG_EVERY = 10  # percent between log lines when no terminal bar is shown
     ARTIFACT_EVERY = 25  # percent between moves of the Prefect progress artifact
+    MIN_SECONDS = 15.0  # between two lines, and between two moves, before the end
     UNSIZED_LOG_SECONDS = 30.0  # unknown totals: a "N done" line this often
 
     def __init__(self, stage: str, total: int | None, unit: str):
@@ -85,25 +86,34 @@ class Progress:
         self.bar = tqdm(total=self.total, desc=stage, unit=unit, file=sys.stderr, leave=False,
                         dynamic_ncols=True) if _terminal() else None
         self._artifact = _progress_artifact(stage)
-        self._logged = self._shown = 0  # the last tenth logged, quarter shown
-        self._last = time.monotonic()
+        started = time.monotonic()
+        # (the last tenth logged, when) and (the last quarter shown, when)
+        self._logged, self._shown = [0, started], [0, started]
 
     def update(self, amount: int = 1) -> None:
         self.done += amount
         if self.bar is not None:
             self.bar.update(amount)
+        now = time.monotonic()
         if self.total is None:  # unknown length: say how far, not what fraction
-            if self.bar is None and time.monotonic() - self._last >= self.UNSIZED_LOG_SECONDS:
-                self._last = time.monotonic()
+            if self.bar is None and now - self._logged[1] >= self.UNSIZED_LOG_SECONDS:
+                self._logged[1] = now
                 logger().info("%s: %d done", self.stage, self.done)
             return
         percent = min(100.0, 100.0 * self.done / self.total)
-        if self._artifact and int(percent // self.ARTIFACT_EVERY) > self._shown:
-            self._shown = int(percent // self.ARTIFACT_EVERY)
+        if self._artifact and self._due(self._shown, percent, self.ARTIFACT_EVERY, now):
             _update_progress(self._artifact, percent)
-        if self.bar is None and int(percent // self.LOG_EVERY) > self._logged:
-            self._logged = int(percent // self.LOG_EVERY)
+        if self.bar is None and self._due(self._logged, percent, self.LOG_EVERY, now):
             logger().info("%s: %d/%d (%.0f%%)", self.stage, self.done, self.total, percent)
+
+    def _due(self, last: list, percent: float, every: int, now: float) -> bool:
+        """A new step of `every` percent is reached, and it is the end or MIN_SECONDS have
+        passed since the last; records it."""
+        step = int(percent // every)
+        if step <= last[0] or (percent < 100.0 and now - last[1] < self.MIN_SECONDS):
+            return False
+        last[:] = [step, now]
+        return True
 
     def close(self) -> None:
         if self.bar is not None:

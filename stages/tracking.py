@@ -85,6 +85,20 @@ def experiment_id(client: MlflowClient, uri: str, store_root: Path) -> str:
         return found.experiment_id
 
 
+def runs_table_url(server: str, experiment: str) -> str:
+    """The experiment's runs table on an MLflow server, in the UI's model-training view
+    (without `workflowType` MLflow 3.17 opens its GenAI overview, whatever the kind tag)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
+def training_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A training step's metrics as MLflow names them: `train.loss`, and `train.stats.<name>`
+    for the others, so that the run page, which orders its charts by name, shows the loss
+    curve first."""
+    return {f"train.{name}" if name == "loss" else f"train.stats.{name}": value
+            for name, value in metrics.items()}
+
+
 MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
 
 

@@ -42,7 +42,7 @@ from smpo_core.training import (
 from smpo_core.trajectories import TrajectoryCache
 from stages.common import Progress, StageRun
 from stages.score import LABELS
-from stages.tracking import log_tuned_model
+from stages.tracking import log_tuned_model, training_metrics
 
 STATE = "train_state.pt"
 HISTORY = "history.json"
@@ -62,11 +62,11 @@ def compute(run: StageRun) -> dict[str, Any]:
         history = json.loads((run.out_dir / HISTORY).read_text())
         for entry in history:
             if entry["step"] > summary["resumed_from_step"]:
-                run.tracker.metrics({f"train.{k}": v for k, v in entry.items() if k != "step"},
-                                    step=entry["step"])
+                run.tracker.metrics(training_metrics({k: v for k, v in entry.items()
+                                                      if k != "step"}), step=entry["step"])
     else:
         def on_metrics(step: int, metrics: dict[str, float]) -> None:
-            run.tracker.metrics({f"train.{k}": v for k, v in metrics.items()}, step=step)
+            run.tracker.metrics(training_metrics(metrics), step=step)
             progress.update(step - progress.done)
 
         summary = fit(run.settings, base, run.input_dir("invert"), run.input_dir("score"),

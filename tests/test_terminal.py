@@ -33,13 +33,23 @@ def smpo_log():
     log.removeHandler(handler)
 
 
-def test_progress_without_a_terminal_is_a_log_line_at_every_tenth_and_no_bar(smpo_log, capsys):
+def test_progress_without_a_terminal_is_a_log_line_at_every_tenth_and_no_bar(
+        smpo_log, capsys, monkeypatch):
+    clock = iter(range(0, 100_000, 20))  # 20 s between updates
+    monkeypatch.setattr("stages.common.time.monotonic", lambda: next(clock))
     progress = Progress("train", 200, "steps")
     for _ in range(200):
         progress.update()
     progress.close()
     assert smpo_log == [f"train: {20 * i}/200 ({10 * i}%)" for i in range(1, 11)]
     assert progress.bar is None and capsys.readouterr().err == ""
+
+
+def test_fast_progress_says_only_that_it_finished(smpo_log):
+    progress = Progress("evaluate score pickscore", 8, "images")
+    for _ in range(8):
+        progress.update()
+    assert smpo_log == ["evaluate score pickscore: 8/8 (100%)"]
 
 
 def test_progress_of_unknown_length_stays_quiet_between_its_lines(smpo_log):
