@@ -384,8 +384,12 @@ def _runs_table(cfg: Config) -> str:
 
     from stages.tracking import experiment_id, runs_table_url
 
-    client = MlflowClient(cfg.mlflow_url)
-    return runs_table_url(cfg.mlflow_url, experiment_id(client, cfg.mlflow_url, cfg.store))
+    try:
+        experiment = experiment_id(MlflowClient(cfg.mlflow_url), cfg.mlflow_url, cfg.store)
+    except Exception as exc:  # a link is no reason to stop what runs
+        print(f"(no link to the runs table: {exc})", file=sys.stderr)
+        return cfg.mlflow_url
+    return runs_table_url(cfg.mlflow_url, experiment)
 
 
 def _print_next_steps(cfg: Config, runs_table: str) -> None:
