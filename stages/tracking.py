@@ -119,17 +119,24 @@ def log_tuned_model(tracker: Tracker, weights: Path, kind: str, base: dict[str, 
                             ParamSpec("seed", "long", 0)]))
     requirements = [f"{name}=={importlib.metadata.version(name)}"
                     for name in ("mlflow", "torch", "diffusers", "transformers", "peft")]
+    # Made here, in the run's experiment: Model.log would put it in the fluent API's active
+    # experiment (Default, with artifacts in ./mlruns).
+    client = tracker.client
+    experiment = client.get_run(tracker.run_id).info.experiment_id
+    model = client.create_logged_model(experiment, name=f"tuned-{kind}",
+                                       source_run_id=tracker.run_id, model_type="diffusers",
+                                       tags={"smpo.weights": kind})
     # Model.log reads the tracking URI from MLflow's global setting, not from our client.
-    mlflow.set_tracking_uri(tracker.client.tracking_uri)
+    mlflow.set_tracking_uri(client.tracking_uri)
     with warnings.catch_warnings():  # an input example would mean drawing images at log time
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=tracker.run_id,
-                         name=f"tuned-{kind}", python_model=str(MODEL_CODE),
+                         model_id=model.model_id, python_model=str(MODEL_CODE),
                          artifacts={"weights": str(weights)},
                          model_config={"pipeline": {"weights_kind": kind} | {
                              k: v for k, v in base.items() if v is not None}},
-                         signature=signature, pip_requirements=requirements,
-                         tags={"smpo.weights": kind})
+                         signature=signature, pip_requirements=requirements)
+    client.finalize_logged_model(model.model_id, "READY")
     tracker.tags({"smpo.model_uri": info.model_uri})
     return info.model_uri
 
