@@ -424,8 +424,13 @@ def test_trained_weights_load_back_from_mlflow_into_a_diffusers_pipeline(runs, w
     client, experiment, parents = _parent_runs(runs)
     parent = parents[0] if which == "first" else parents[-1]
     train = _stage_run(client, experiment, parent, "train")
+    uri = train.data.tags["smpo.model_uri"]
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    assert (logged.experiment_id, logged.source_run_id, str(logged.status)) == (
+        experiment.experiment_id, train.info.run_id, "READY")
+    assert logged.artifact_location.startswith((runs["store"] / "mlflow-artifacts").as_uri())
     mlflow.set_tracking_uri(client.tracking_uri)
-    model = mlflow.pyfunc.load_model(train.data.tags["smpo.model_uri"])
+    model = mlflow.pyfunc.load_model(uri)
     pipe = model.unwrap_python_model().pipeline
     assert isinstance(pipe, StableDiffusionPipeline)
     folder = Path(runs[which]["train"]["path"])
