@@ -483,8 +483,8 @@ def test_runs_lists_trainings_and_evaluations_with_settings_and_results(runs):
     done = _smpo("runs", "--store", str(runs["store"]))
     assert done.returncode == 0, done.stderr
     rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.split()}
-    for name, settings in (("first", "train.beta=2000.0 train.lora_rank=None"),
-                           ("third", "train.beta=3000.0 train.lora_rank=None"),
+    for name, settings in (("first", "train.beta=2000.0 train.lora_rank=0"),
+                           ("third", "train.beta=3000.0 train.lora_rank=0"),
                            ("lora", "train.beta=2000.0 train.lora_rank=4")):
         train = _manifest(runs[name]["train"])
         row = rows[runs[name]["train"]["key"]]
