@@ -26,20 +26,27 @@ import torch
 
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import load_diffusion, resolve_device
-from smpo_core.training import PairBatch, StepConfig, online_trajectory, smpo_loss
+from smpo_core.training import (
+    PairBatch,
+    StepConfig,
+    TrainingPlan,
+    online_trajectory,
+    smpo_loss,
+)
 from smpo_core.trajectories import invert_pair_batch
 from smpo_core.worlds.tiny import build_tiny_diffusion, trainable_pairs
 
 
 def time_steps(policy, reference, batch, alphas, cfg, steps, device) -> list[float]:
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
+    pairs = batch.z0.shape[0]
+    plan = TrainingPlan(pairs, pairs, 0, tuple(cfg.levels), len(alphas), "level")
     times = []
     for step in range(steps + 1):  # the first step warms up kernels and allocators
         if device.type == "cuda":
             torch.cuda.synchronize()
         started = time.perf_counter()
-        loss, _ = smpo_loss(policy, reference, batch, alphas, cfg,
-                            torch.Generator().manual_seed(step))
+        loss, _ = smpo_loss(policy, reference, batch, plan.step(step), alphas, cfg)
         loss.backward()
         optimizer.step()
         optimizer.zero_grad(set_to_none=True)
@@ -81,7 +88,7 @@ def main() -> None:
     results = {}
     for source in ("cache", "online"):
         policy = copy.deepcopy(model.unet).train().requires_grad_(True)
-        cfg = StepConfig("preference", "inversion", source, "level", 2000.0, levels,
+        cfg = StepConfig("preference", "inversion", source, 2000.0, levels,
                          args.renoise_steps, "mean")
         run_batch = batch if source == "cache" else PairBatch(
             batch.z0, None, batch.text, batch.weight, batch.winner)
@@ -106,7 +113,7 @@ def run_sd15_shape(args, device: torch.device) -> None:
     text = torch.randn(b, 77, 768, device=device)
     weight = torch.linspace(-3, 3, b, device=device)
     probe = PairBatch(z0, None, text, weight, (weight < 0).long())
-    cfg = StepConfig("preference", "inversion", "online", "level", 2000.0, levels,
+    cfg = StepConfig("preference", "inversion", "online", 2000.0, levels,
                      args.renoise_steps, "mean")
     with torch.autocast(device.type, dtype=half, enabled=device.type == "cuda"):
         z = online_trajectory(reference, probe, alphas, cfg)  # the cache's content
@@ -114,7 +121,7 @@ def run_sd15_shape(args, device: torch.device) -> None:
     for source in ("cache", "online"):
         policy = copy.deepcopy(reference).float().train().requires_grad_(True)
         batch = PairBatch(z0, z if source == "cache" else None, text, weight, probe.winner)
-        step_cfg = StepConfig("preference", "inversion", source, "level", 2000.0, levels,
+        step_cfg = StepConfig("preference", "inversion", source, 2000.0, levels,
                               args.renoise_steps, "mean")
         if device.type == "cuda":
             torch.cuda.reset_peak_memory_stats()

@@ -178,3 +178,43 @@ def forward_noise(z0: torch.Tensor, noise: torch.Tensor, abar_t: Abar) -> torch.
     z0, noise = _working(z0), _working(noise)
     a = _expand(abar_t, z0)
     return a.sqrt() * z0 + (1.0 - a).sqrt() * noise
+
+
+#: What a UNet's output can stand for (its scheduler's `prediction_type`) that we train and
+#: invert: the noise, or v = sqrt(abar_t) eps - sqrt(1 - abar_t) z_0 (Salimans & Ho 2022).
+PREDICTION_TYPES = ("epsilon", "v_prediction")
+
+
+def check_prediction_type(prediction_type: str, model: str) -> str:
+    """The prediction type, or a ValueError naming the model and what is supported."""
+    if prediction_type not in PREDICTION_TYPES:
+        raise ValueError(f"{model}: its scheduler's prediction_type is {prediction_type!r}; "
+                         f"expected one of {', '.join(PREDICTION_TYPES)}")
+    return prediction_type
+
+
+def prediction_target(prediction_type: str, z0: torch.Tensor, noise: torch.Tensor,
+                      abar_t: Abar) -> torch.Tensor:
+    """What the UNet should output for z_t = sqrt(abar_t) z0 + sqrt(1 - abar_t) noise:
+    the noise (epsilon) or v = sqrt(abar_t) noise - sqrt(1 - abar_t) z0 (v_prediction).
+
+    z0, noise: (B, ...) same shape. Returns that shape in at least float32.
+    """
+    check_prediction_type(prediction_type, "prediction_target")
+    if prediction_type == "epsilon":
+        return _working(noise)
+    z0, noise = _working(z0), _working(noise)
+    a = _expand(abar_t, z0)
+    return a.sqrt() * noise - (1.0 - a).sqrt() * z0
+
+
+def noise_from_prediction(prediction_type: str, pred: torch.Tensor, z_t: torch.Tensor,
+                          abar_t: Abar) -> torch.Tensor:
+    """The noise eps a UNet's output implies at z_t: the output itself (epsilon), or
+    sqrt(abar_t) v + sqrt(1 - abar_t) z_t (v_prediction). For inversion with either kind."""
+    check_prediction_type(prediction_type, "noise_from_prediction")
+    if prediction_type == "epsilon":
+        return pred
+    pred, z_t = _working(pred), _working(z_t)
+    a = _expand(abar_t, z_t)
+    return a.sqrt() * pred + (1.0 - a).sqrt() * z_t

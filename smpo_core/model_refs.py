@@ -144,3 +144,23 @@ def resolve_model(text: str, settings: Settings, store_root: Path,
         return ModelSpec(label, str(path) if path.exists() else value, ref=ref)
     weights = str(_lora_path(path)) if kind == "lora" else str(path)
     return ModelSpec(label, base.base, base.revision, base.vae, weights, kind, ref)
+
+
+def start_unet(ref: str | None, store_root: Path) -> str | None:
+    """`model.unet` as a loadable folder or hub id: `train:KEY` is the UNet that train run
+    wrote into this store (a key or unique prefix: `latest` would change what a stage key
+    stands for as runs finish); `builtin:` refs resolve; others pass through."""
+    if ref is None:
+        return None
+    kind, sep, value = ref.partition(":")
+    if not (sep and kind == "train"):
+        return builtins.resolve(ref, store_root)
+    if value == "latest" or not value:
+        raise SmpoError(f"model.unet={ref!r}: name the train output by its key (or a unique "
+                        f"prefix), e.g. train:3f2a9c; `latest` would change with every run")
+    folder = find_train_output(store_root, value)
+    weights = json.loads((folder / MANIFEST).read_text()).get("weights", "unet")
+    if weights != "unet":
+        raise SmpoError(f"model.unet={ref!r}: that train run wrote {weights} weights, not a "
+                        f"whole UNet; start from a run with train.lora_rank=0")
+    return str(folder / "unet")

@@ -14,6 +14,7 @@ from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
 from smpo_core.errors import SmpoError, first_line
+from smpo_core.inversion import check_prediction_type, noise_from_prediction
 from smpo_core.refs import looks_local
 
 DTYPES = {"float32": torch.float32, "float16": torch.float16, "bfloat16": torch.bfloat16}
@@ -61,6 +62,10 @@ class DiffusionModel:
     def is_sdxl(self) -> bool:
         return self.text_encoder_2 is not None
 
+    @property
+    def prediction_type(self) -> str:
+        return self.scheduler.config.prediction_type
+
 
 @dataclass
 class PromptEmbeds:
@@ -94,18 +99,58 @@ def _check_model_ref(ref: str, what: str) -> None:
                         f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
 
 
+def load_unet(ref: str, dtype: torch.dtype = torch.float32,
+              revision: str | None = None) -> UNet2DConditionModel:
+    """A UNet from a diffusers UNet folder, a pipeline folder (its unet/), or a hub id of
+    either (`model.unet`, or the base's own)."""
+    _check_unet_ref(ref)
+    path = Path(ref)
+    local = path.is_dir()
+    subfolder = "unet" if (path / "unet").is_dir() or not local else None
+    try:
+        return UNet2DConditionModel.from_pretrained(ref, subfolder=subfolder, dtype=dtype,
+                                                    revision=revision)
+    except (OSError, ValueError) as exc:
+        if local or subfolder is None:
+            raise SmpoError(f"UNet {ref!r}: could not load it: {first_line(exc)}; expected a "
+                            f"diffusers UNet folder (config.json and weights), a pipeline "
+                            f"folder with unet/, or a hub id of either") from exc
+    try:  # a hub id without unet/: a UNet repository
+        return UNet2DConditionModel.from_pretrained(ref, dtype=dtype, revision=revision)
+    except (OSError, ValueError) as exc:
+        raise SmpoError(f"UNet {ref!r}: could not load it from the hub: {first_line(exc)}"
+                        ) from exc
+
+
+def _check_unet_ref(ref: str) -> None:
+    if (looks_local(ref) or Path(ref).exists()) and not Path(ref).is_dir():
+        raise SmpoError(f"UNet {ref!r}: no such folder; expected a diffusers UNet folder "
+                        f"(config.json and weights) or a pipeline folder with unet/")
+
+
+def check_scheduler(scheduler: DDIMScheduler, ref: str) -> None:
+    """Refuse a model whose UNet predicts something training and inversion cannot use."""
+    try:
+        check_prediction_type(scheduler.config.prediction_type, f"model {ref!r}")
+    except ValueError as exc:
+        raise SmpoError(f"{exc} (training targets and inversion are written for those)"
+                        ) from None
+
+
 def load_diffusion(
     ref: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
-    vae: str | None = None,
+    vae: str | None = None, unet: str | None = None,
 ) -> DiffusionModel:
     """Load UNet, VAE, text encoder(s), tokenizer(s) and DDIM scheduler from a diffusers
-    folder or hub id; `vae` replaces the model's VAE (e.g. SDXL's fp16-fix VAE)."""
+    folder or hub id; `vae` replaces the model's VAE (e.g. SDXL's fp16-fix VAE), `unet` its
+    UNet (e.g. an SFT UNet: `load_unet`)."""
     _check_model_ref(ref, "model.base")
     kw = {"revision": revision}
     try:
         # Loading in the target dtype (not .to() afterwards) keeps the modules a model marks
         # as float32-only in float32.
-        unet = UNet2DConditionModel.from_pretrained(ref, subfolder="unet", dtype=dtype, **kw)
+        unet = (load_unet(unet, dtype) if unet else
+                UNet2DConditionModel.from_pretrained(ref, subfolder="unet", dtype=dtype, **kw))
         autoencoder = (AutoencoderKL.from_pretrained(vae, dtype=dtype) if vae else
                        AutoencoderKL.from_pretrained(ref, subfolder="vae", dtype=dtype, **kw))
         text_encoder = CLIPTextModel.from_pretrained(ref, subfolder="text_encoder", dtype=dtype,
@@ -122,6 +167,7 @@ def load_diffusion(
     except (OSError, ValueError) as exc:
         raise SmpoError(f"model.base {ref!r}: could not load the diffusion model: "
                         f"{first_line(exc)}") from exc
+    check_scheduler(scheduler, ref)
     model = DiffusionModel(unet, autoencoder, text_encoder, tokenizer, scheduler, device, dtype,
                            **second)
     for module in (unet, autoencoder, text_encoder, model.text_encoder_2):
@@ -208,14 +254,20 @@ def encode_images(
 
 
 def noise_predictor(unet: UNet2DConditionModel, hidden: torch.Tensor,
-                    pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None):
+                    pooled: torch.Tensor | None = None, time_ids: torch.Tensor | None = None,
+                    prediction_type: str = "epsilon",
+                    alphas_cumprod: torch.Tensor | None = None):
     """eps(z, t) for one batch of conditions, as the inversion code calls it (conditional
-    prediction only, no guidance)."""
+    prediction only, no guidance). A v-prediction UNet's output is turned into the noise it
+    implies (that needs the schedule, `alphas_cumprod`)."""
     condition = unet_condition(unet, hidden, pooled, time_ids)
 
     def eps(z: torch.Tensor, t: int) -> torch.Tensor:
         timesteps = torch.full((z.shape[0],), t, device=z.device, dtype=torch.long)
-        return unet(z.to(unet.dtype), timesteps, **condition).sample
+        pred = unet(z.to(unet.dtype), timesteps, **condition).sample
+        if prediction_type == "epsilon":
+            return pred
+        return noise_from_prediction(prediction_type, pred, z, alphas_cumprod[t])
 
     return eps
 
@@ -234,6 +286,34 @@ def add_lora(unet: UNet2DConditionModel, rank: int) -> int:
     unet.requires_grad_(False)
     unet.add_adapter(LoraConfig(r=rank, lora_alpha=rank, target_modules=list(LORA_TARGETS)))
     return sum(p.numel() for p in unet.parameters() if p.requires_grad)
+
+
+class AdaptersDisabled:
+    """The reference of LoRA training: the policy's own UNet with its adapters switched off,
+    i.e. the frozen starting UNet, without a second copy of it in memory (as the diffusers
+    DPO example does). Called like the UNet; used without gradients."""
+
+    def __init__(self, unet: UNet2DConditionModel):
+        self.unet = unet
+
+    @property
+    def dtype(self) -> torch.dtype:
+        return self.unet.dtype
+
+    @property
+    def device(self) -> torch.device:
+        return self.unet.device
+
+    @property
+    def config(self):
+        return self.unet.config
+
+    def __call__(self, *args, **kwargs):
+        self.unet.disable_adapters()
+        try:
+            return self.unet(*args, **kwargs)
+        finally:
+            self.unet.enable_adapters()
 
 
 def save_lora(unet: UNet2DConditionModel, folder: Path) -> None:

@@ -665,3 +665,44 @@ def iter_pairs(folder: Path, columns: list[str] | None = None,
     """The pairs a completed download stage wrote, in order, as record batches."""
     for shard in pair_shards(folder):
         yield from pq.ParquetFile(shard).iter_batches(batch_size=batch_rows, columns=columns)
+
+
+def count_pairs(folder: Path) -> int:
+    """How many pairs a completed download stage wrote, from the Parquet footers alone."""
+    return sum(pq.read_metadata(shard).num_rows for shard in pair_shards(folder))
+
+
+def sample_positions(total: int, count: int | None, seed: int) -> list[int]:
+    """Increasing positions of a uniform random sample of `count` of `total` pairs, without
+    replacement, the same for the same seed; every position when count is None or >= total.
+    File order is not random (captions, users and dates cluster), so the first N would not do.
+    """
+    if count is None or count >= total:
+        return list(range(total))
+    import numpy as np  # only here: the download side of this module needs no numpy
+
+    rng = np.random.default_rng(seed % 2**63)
+    return sorted(rng.choice(total, size=count, replace=False).tolist())
+
+
+def read_pairs_at(folder: Path, positions: list[int], columns: list[str] | None = None
+                  ) -> Iterator[dict[str, Any]]:
+    """The pairs at these increasing positions (over all shards, in order), one row at a
+    time; only the Parquet row groups that hold one are read, one row group at a time."""
+    chosen = iter(positions)
+    wanted = next(chosen, None)
+    start = 0
+    for shard in pair_shards(folder):
+        file = pq.ParquetFile(shard)
+        for group in range(file.num_row_groups):
+            rows = file.metadata.row_group(group).num_rows
+            local = []
+            while wanted is not None and wanted < start + rows:
+                local.append(wanted - start)
+                wanted = next(chosen, None)
+            if local:
+                yield from file.read_row_group(group, columns=columns).take(local).to_pylist()
+            start += rows
+    if wanted is not None:
+        raise SmpoError(f"pairs folder {str(folder)!r}: position {wanted} is past its "
+                        f"{start} pairs")

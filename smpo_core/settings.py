@@ -24,7 +24,7 @@ from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
-from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model
+from pydantic import BaseModel, ConfigDict, Field, ValidationError, create_model, model_validator
 
 from smpo_core.environment import environment
 from smpo_core.errors import SmpoError
@@ -78,6 +78,12 @@ class ModelSettings(Section):
     vae: str | None = Field(
         None, description="A VAE to use instead of the base model's (e.g. SDXL's fp16-fix VAE)."
     )
+    unet: str | None = Field(
+        None, description="The UNet training starts from, and the trajectory cache is "
+        "inverted with (the policy's starting point): a diffusers UNet or pipeline folder, a "
+        "hub id, or train:KEY (the UNet an earlier train run wrote into this store, e.g. with "
+        "train.method=sft: SFT, then SmPO, as the paper's SD1.5 run). None: the base's UNet.",
+    )
     resolution: int = Field(512, gt=0, description="Training and evaluation image size, px.")
     dtype: Literal["float32", "float16", "bfloat16"] = Field(
         "float16", description="Weights dtype of the frozen models (VAE, text encoder, reference)."
@@ -130,9 +136,10 @@ class InvertSettings(Section):
         "mean", description="mean: authors' SmPO code; last: ReNoise fixed-point iteration."
     )
     max_pairs: int | None = Field(
-        None, gt=0, description="Cache only the first N pairs (the ones training will consume)."
+        None, gt=0, description="Cache a random sample of N of all downloaded pairs (what "
+        "training consumes: train.max_steps x train.effective_batch); None: every pair."
     )
-    seed: int = Field(0, description="Seed of the VAE posterior samples.")
+    seed: int = Field(0, description="Seed of the pair sample and the VAE posterior samples.")
     batch_size: int = runtime_setting(8, "Pairs per inversion batch.")
     shard_pairs: int = runtime_setting(256, "Pairs per safetensors shard.")
 
@@ -152,8 +159,10 @@ class TrainSettings(Section):
     trajectory_source: Literal["cache", "online"] = Field(
         "cache", description="cache: the invert stage's latents; online: invert with the policy."
     )
-    timestep_sampling: Literal["level", "uniform"] = Field(
-        "level", description="level: t on the inversion grid; uniform: t in the interval below."
+    timestep_sampling: Literal["uniform", "level"] = Field(
+        "uniform", description="uniform: t uniform over the whole schedule, one per pair, the "
+        "latent taken from the inversion level at or above t (the paper); level: t only on the "
+        "K inversion levels (an ablation)."
     )
     lora_rank: int = Field(
         0, ge=0, description="0: fine-tune the whole UNet; r > 0: train rank-r LoRA adapters "
@@ -165,8 +174,12 @@ class TrainSettings(Section):
                                  "1e-8 x the effective batch of 1024 pairs).")
     warmup_steps: int = Field(100, ge=0, description="Linear warm-up steps, then constant.")
     max_steps: int = Field(200, gt=0, description="Optimiser steps.")
-    batch_size: int = Field(1, gt=0, description="Pairs per micro-batch.")
-    grad_accum: int = Field(128, gt=0, description="Micro-batches per optimiser step.")
+    effective_batch: int = Field(
+        1024, gt=0, description="Pairs per optimiser step, over all processes and "
+        "accumulated micro-batches (the paper: 1024 = 8 GPUs x 1 x 128).")
+    batch_size: Annotated[int, Field(gt=0)] = runtime_setting(
+        1, "Pairs per micro-batch on one process; the gradient accumulation is "
+        "effective_batch / (batch_size x num_processes), which must be a whole number.")
     weight_decay: float = Field(1e-2, ge=0, description="Decoupled weight decay of the "
                                 "optimiser.")
     max_grad_norm: float = Field(1.0, gt=0, description="Gradients are clipped to this norm.")
@@ -184,6 +197,22 @@ class TrainSettings(Section):
     log_every: int = runtime_setting(1, "Log metrics every N optimiser steps.")
     num_processes: Annotated[int, Field(gt=0)] = runtime_setting(
         1, "Processes (GPUs) for training; > 1 runs the training under `accelerate launch`.")
+
+    @model_validator(mode="after")
+    def _whole_accumulation(self) -> TrainSettings:
+        per_micro_step = self.batch_size * self.num_processes
+        if self.effective_batch % per_micro_step:
+            raise ValueError(
+                f"train.effective_batch={self.effective_batch} is not a multiple of "
+                f"train.batch_size x train.num_processes = {self.batch_size} x "
+                f"{self.num_processes} = {per_micro_step}; choose a batch_size that divides "
+                f"effective_batch / num_processes")
+        return self
+
+    @property
+    def grad_accum(self) -> int:
+        """Micro-batches each process accumulates per optimiser step."""
+        return self.effective_batch // (self.batch_size * self.num_processes)
 
 
 class EvaluateSettings(Section):
@@ -273,10 +302,10 @@ STAGES: dict[str, Stage] = _registry(
     Stage("score", "Every unique image scored by the reward model; pairs into soft labels p "
           "and w.", ScoreSettings, upstream=("download",)),
     Stage("invert", "ReNoise-inverted latent trajectories of the pairs, cached for training.",
-          InvertSettings, upstream=("download",), shares=("model",)),
+          InvertSettings, upstream=("download",), shares=("model",), version="2"),
     Stage("train", "SmPO fine-tuning of the UNet (or LoRA adapters) against the frozen "
           "reference.", TrainSettings, upstream=("invert", "score"), shares=("model",),
-          deploy_with=("evaluate",)),
+          deploy_with=("evaluate",), version="2"),
     Stage("evaluate", "Base and tuned model generate from the same prompts and seeds; every "
           "metric scores both.", EvaluateSettings, upstream=("train",), shares=("model",),
           version="2"),
@@ -483,6 +512,10 @@ def load_settings(profile: str = "tiny", overrides: Sequence[str] = ()) -> Setti
 def _one_line(exc: ValidationError, source: str, overrides: Sequence[str]) -> str:
     err = exc.errors()[0]
     key = ".".join(str(p) for p in err["loc"])
+    if isinstance(err.get("input"), dict):  # a rule across a section's settings
+        touched = [o for o in overrides if o.split("=", 1)[0].strip().startswith(f"{key}.")]
+        where = f"override {touched[-1]!r}" if touched else f"profile {source}"
+        return f"{where}: section {key}: {err['msg'].removeprefix('Value error, ')}"
     given = next((o for o in overrides if o.split("=", 1)[0].strip() == key), None)
     where = f"override {given!r}" if given else f"profile {source}"
     return f"{where}: setting {key}: {err['msg']} (got {err.get('input')!r})"

@@ -1,26 +1,34 @@
 """SmPO fine-tuning (METHOD.md §4): a batch of pairs in, a loss out; the loop around it.
 
-The step reads top to bottom: pick a timestep per pair, place both images at that timestep on
-their trajectory (ReNoise inversion or forward noise), compare the policy's and the frozen
-reference's noise errors, weight the difference by the preference, back-propagate.
+The step reads top to bottom: take each pair's timestep from the plan, place both images at
+that timestep on their trajectory (ReNoise inversion or forward noise), compare the policy's
+and the frozen reference's errors against the target of the model's prediction type, weight
+the difference by the preference, back-propagate. `TrainingPlan` fixes every random draw of a
+run; `smpo_core.recipe` builds the models, optimiser and data around this loop.
 """
 
 from __future__ import annotations
 
+import dataclasses
+import functools
 import math
 import time
 from collections.abc import Callable
 from dataclasses import dataclass
-from pathlib import Path
 
 import torch
 from diffusers import UNet2DConditionModel
 
 from smpo_core.errors import SmpoError
-from smpo_core.inversion import forward_noise, implied_noise, renoise_invert
+from smpo_core.inversion import (
+    forward_noise,
+    implied_noise,
+    noise_from_prediction,
+    prediction_target,
+    renoise_invert,
+)
 from smpo_core.losses import per_image_mse, preference_loss, sft_loss
 from smpo_core.models import unet_condition
-from smpo_core.store import atomic_path
 
 
 @dataclass
@@ -50,49 +58,126 @@ class StepConfig:
     method: str  # "preference" | "sft"
     trajectory: str  # "inversion" | "forward"
     trajectory_source: str  # "cache" | "online"
-    timestep_sampling: str  # "level" | "uniform"
     beta: float
     levels: list[int]
     renoise_steps: int = 1
     average: str = "mean"
+    prediction_type: str = "epsilon"  # what the UNet outputs: "epsilon" | "v_prediction"
 
 
-def sample_timesteps(
-    levels: list[int], batch: int, mode: str, generator: torch.Generator
-) -> tuple[torch.Tensor, torch.Tensor]:
-    """A level index k per pair and its timestep t.
+@dataclass
+class StepPlan:
+    """The draws of one optimiser step, one entry per pair slot of its effective batch:
+    which cached pair, its timestep t and inversion level k, whether its caption is dropped,
+    and the seed of its forward noise. Micro-batches are slices of it."""
 
-    `level`: t = levels[k]. `uniform`: t uniform in (levels[k-1], levels[k]] (levels[-1] := -1),
-    the interval below the level, as the authors' code samples it.
+    positions: torch.Tensor  # (E,) positions in the trajectory cache
+    t: torch.Tensor  # (E,) timesteps, shared by both images of a pair
+    k: torch.Tensor  # (E,) the inversion level at or above t
+    drop_caption: torch.Tensor  # (E,) bool
+    noise_seed: torch.Tensor  # (E,) int64
+
+    def __len__(self) -> int:
+        return len(self.positions)
+
+    def slice(self, index: int, size: int) -> StepPlan:
+        """Micro-batch `index` of `size` pairs."""
+        part = slice(index * size, (index + 1) * size)
+        return StepPlan(*(getattr(self, f.name)[part] for f in dataclasses.fields(self)))
+
+
+@dataclass(frozen=True)
+class TrainingPlan:
+    """Every random draw of a training run, a pure function of (seed, step): the same pairs,
+    timesteps, caption drops and noise for any micro-batch size or number of processes, and
+    for a run resumed mid-way.
+
+    Pairs are visited in a fresh seeded permutation of the cache each epoch. Timesteps
+    (METHOD.md §4): `uniform` draws t uniformly over the whole schedule {0, ..., T-1}, one t
+    per pair, and takes the inversion level at or above it; `level` draws one of the K
+    levels and trains at that level's timestep (the ablation).
     """
-    k = torch.randint(len(levels), (batch,), generator=generator)
-    top = torch.tensor(levels)[k]
-    if mode == "level":
-        return k, top
-    bottom = torch.tensor([-1, *levels[:-1]])[k]
-    offset = (torch.rand(batch, generator=generator) * (top - bottom)).floor().long()
-    return k, top - offset
+
+    num_pairs: int
+    effective_batch: int
+    seed: int
+    levels: tuple[int, ...]
+    num_train_timesteps: int
+    timestep_sampling: str = "uniform"
+    empty_caption_prob: float = 0.0
+
+    def __post_init__(self) -> None:
+        if self.timestep_sampling not in ("uniform", "level"):
+            raise ValueError(f"timestep_sampling must be uniform or level, got "
+                             f"{self.timestep_sampling!r}")
+        if self.levels[-1] != self.num_train_timesteps - 1:
+            raise ValueError(f"the top inversion level must be T - 1 = "
+                             f"{self.num_train_timesteps - 1} so that every t has a level at "
+                             f"or above it; got levels {list(self.levels)}")
+        if self.num_pairs < 1:
+            raise ValueError("the trajectory cache holds no pairs")
+
+    def _order(self, epoch: int) -> torch.Tensor:
+        return _epoch_order(self.num_pairs, self.seed, epoch)
+
+    def timesteps(self, count: int, generator: torch.Generator
+                  ) -> tuple[torch.Tensor, torch.Tensor]:
+        """`count` timesteps t and their levels k (the level at or above t)."""
+        levels = torch.tensor(self.levels)
+        if self.timestep_sampling == "level":
+            k = torch.randint(len(levels), (count,), generator=generator)
+            return levels[k], k
+        t = torch.randint(self.num_train_timesteps, (count,), generator=generator)
+        return t, torch.searchsorted(levels, t)
+
+    def step(self, step: int) -> StepPlan:
+        """The draws of optimiser step `step` (0-based)."""
+        first = step * self.effective_batch
+        slots = torch.arange(first, first + self.effective_batch)
+        epochs, offsets = slots // self.num_pairs, slots % self.num_pairs
+        positions = torch.empty_like(slots)
+        for epoch in epochs.unique().tolist():
+            chosen = epochs == epoch
+            positions[chosen] = self._order(epoch)[offsets[chosen]]
+        generator = _generator(self.seed, 1, step)
+        t, k = self.timesteps(self.effective_batch, generator)
+        drop = torch.rand(self.effective_batch, generator=generator) < self.empty_caption_prob
+        noise_seed = torch.randint(2**62, (self.effective_batch,), generator=generator)
+        return StepPlan(positions, t, k, drop, noise_seed)
+
+
+def _generator(*seeds: int) -> torch.Generator:
+    # Hashes of int tuples are the same in every process (PYTHONHASHSEED salts only strings).
+    return torch.Generator().manual_seed(hash(seeds) % 2**63)
+
+
+@functools.lru_cache(maxsize=2)  # a step spans at most two epochs
+def _epoch_order(num_pairs: int, seed: int, epoch: int) -> torch.Tensor:
+    return torch.randperm(num_pairs, generator=_generator(seed, 0, epoch))
 
 
 def place_on_trajectory(
-    batch: PairBatch, k: torch.Tensor, t: torch.Tensor, alphas_cumprod: torch.Tensor,
-    trajectory: str, levels: list[int], generator: torch.Generator,
+    batch: PairBatch, plan: StepPlan, alphas_cumprod: torch.Tensor, trajectory: str,
+    levels: list[int],
 ) -> tuple[torch.Tensor, torch.Tensor]:
-    """z_t and the noise target for both images: (B, 2, C, H, W) each.
+    """z_t and the noise it holds for both images: (B, 2, C, H, W) each.
 
     inversion: tau is the noise implied by the inverted latent at level k; for a t below the
     level the latent is moved along that same DDIM path, z_t = sqrt(abar_t) z0 + sqrt(1-abar_t)
     tau, so the target stays exact. forward: Diffusion-DPO's q(x_t | x_0), one noise draw
-    shared by the two images of a pair.
+    (seeded per pair by the plan) shared by the two images of a pair.
     """
-    abar_t = alphas_cumprod[t].view(-1, 1, 1, 1, 1).to(batch.z0.device)
+    abar_t = alphas_cumprod[plan.t].view(-1, 1, 1, 1, 1).to(batch.z0.device)
     if trajectory == "forward":
-        noise = torch.randn(batch.z0[:, :1].shape, generator=generator).to(batch.z0)
-        noise = noise.expand_as(batch.z0)
+        noise = torch.stack([
+            torch.randn(batch.z0.shape[2:], generator=torch.Generator().manual_seed(int(seed)))
+            for seed in plan.noise_seed]).to(batch.z0)
+        noise = noise[:, None].expand_as(batch.z0)
         return forward_noise(batch.z0, noise, abar_t), noise
-    rows = torch.arange(len(k))
-    z_level = batch.z[rows, :, k]  # (B, 2, C, H, W)
-    abar_level = alphas_cumprod[torch.tensor(levels)[k]].view(-1, 1, 1, 1, 1).to(z_level.device)
+    rows = torch.arange(len(plan))
+    z_level = batch.z[rows, :, plan.k]  # (B, 2, C, H, W)
+    abar_level = alphas_cumprod[torch.tensor(levels)[plan.k]].view(-1, 1, 1, 1, 1).to(
+        z_level.device)
     tau = implied_noise(z_level.float(), batch.z0.float(), abar_level)
     return forward_noise(batch.z0.float(), tau, abar_t), tau
 
@@ -133,7 +218,8 @@ def online_trajectory(policy: UNet2DConditionModel, batch: PairBatch,
 
     def eps(z: torch.Tensor, t: int) -> torch.Tensor:
         steps = torch.full((z.shape[0],), t, dtype=torch.long, device=z.device)
-        return policy(z.to(policy.dtype), steps, **condition).sample
+        pred = policy(z.to(policy.dtype), steps, **condition).sample
+        return noise_from_prediction(cfg.prediction_type, pred, z, alphas_cumprod[t])
 
     with torch.no_grad():
         z = renoise_invert(eps, z0, cfg.levels, alphas_cumprod, cfg.renoise_steps, cfg.average)
@@ -144,31 +230,31 @@ def smpo_loss(
     policy: UNet2DConditionModel,
     reference: UNet2DConditionModel | None,
     batch: PairBatch,
+    plan: StepPlan,
     alphas_cumprod: torch.Tensor,
     cfg: StepConfig,
-    generator: torch.Generator,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch: the preference (or SFT) loss and its metrics."""
+    """One micro-batch: the preference (or SFT) loss and its metrics, at the plan's draws."""
     if cfg.trajectory == "inversion" and cfg.trajectory_source == "online":
         batch.z = online_trajectory(policy, batch, alphas_cumprod, cfg)
-    k, t = sample_timesteps(cfg.levels, batch.z0.shape[0], cfg.timestep_sampling, generator)
-    z_t, target = place_on_trajectory(batch, k, t, alphas_cumprod, cfg.trajectory, cfg.levels,
-                                      generator)
+    z_t, noise = place_on_trajectory(batch, plan, alphas_cumprod, cfg.trajectory, cfg.levels)
+    abar_t = alphas_cumprod[plan.t].view(-1, 1, 1, 1, 1).to(z_t.device)
+    target = prediction_target(cfg.prediction_type, batch.z0, noise, abar_t)
     if cfg.method == "sft":
         rows = torch.arange(len(batch.winner))
         winner_t, winner_target = z_t[rows, batch.winner], target[rows, batch.winner]
-        pred = predict_pairs(policy, winner_t[:, None].expand_as(z_t), t, batch)[:, 0]
+        pred = predict_pairs(policy, winner_t[:, None].expand_as(z_t), plan.t, batch)[:, 0]
         return sft_loss(per_image_mse(pred, winner_target))
-    model_err = pair_errors(predict_pairs(policy, z_t, t, batch), target)
+    model_err = pair_errors(predict_pairs(policy, z_t, plan.t, batch), target)
     with torch.no_grad():
-        ref_err = pair_errors(predict_pairs(reference, z_t, t, batch), target)
+        ref_err = pair_errors(predict_pairs(reference, z_t, plan.t, batch), target)
     return preference_loss(model_err, ref_err, batch.weight.to(model_err.device), cfg.beta)
 
 
 @dataclass
 class LoopConfig:
     max_steps: int
-    grad_accum: int
+    micro_batch: int  # pairs per micro-batch on one process
     max_grad_norm: float
     checkpoint_every: int
     log_every: int
@@ -177,7 +263,8 @@ class LoopConfig:
 def train_loop(
     policy: UNet2DConditionModel,
     reference: UNet2DConditionModel | None,
-    next_batch: Callable[[int], tuple[PairBatch, torch.Generator]],
+    plan: TrainingPlan,
+    load_batch: Callable[[StepPlan], PairBatch],
     alphas_cumprod: torch.Tensor,
     step_cfg: StepConfig,
     loop: LoopConfig,
@@ -188,23 +275,33 @@ def train_loop(
     on_metrics: Callable[[int, dict[str, float]], None] | None = None,
     on_checkpoint: Callable[[int], None] | None = None,
 ) -> dict[str, float]:
-    """Optimiser steps `start_step`..`max_steps`; `next_batch(micro_index)` is deterministic in
-    its index, so a resumed run sees the batches an uninterrupted one would have.
+    """Optimiser steps `start_step`..`max_steps`, each over the plan's effective batch.
 
-    Under DDP (W processes), process r takes micro-batch index i * W + r at its i-th
-    micro-step: the W processes together see the same micro-batches, with the same seeds, as
-    one process with W times `grad_accum`, and metrics are averaged over the processes.
+    The step's pairs are cut into micro-batches of `loop.micro_batch`; with W processes,
+    process r takes micro-batches r, r + W, r + 2W, ... and accumulates them (accelerate's
+    gradient accumulation: the effective batch over W x micro_batch). Every micro-batch has
+    the same size, so the accumulated, process-averaged gradient is the gradient of the mean
+    loss over the whole effective batch, however it is split. Metrics are averaged likewise.
     """
     world, rank = accelerator.num_processes, accelerator.process_index
+    accumulation, rest = divmod(plan.effective_batch, loop.micro_batch * world)
+    if rest or accumulation != accelerator.gradient_accumulation_steps:
+        raise ValueError(f"an effective batch of {plan.effective_batch} in micro-batches of "
+                         f"{loop.micro_batch} on {world} processes needs the accelerator's "
+                         f"gradient_accumulation_steps = {plan.effective_batch} / "
+                         f"({loop.micro_batch} x {world}), a whole number; it has "
+                         f"{accelerator.gradient_accumulation_steps}")
     last: dict[str, float] = {}
     for step in range(start_step, loop.max_steps):
         started = time.perf_counter()
+        drawn = plan.step(step)
         totals: dict[str, float] = {}
-        for micro in range(loop.grad_accum):
-            batch, generator = next_batch((step * loop.grad_accum + micro) * world + rank)
+        for micro in range(accumulation):
+            part = drawn.slice(micro * world + rank, loop.micro_batch)
+            batch = load_batch(part)
             with accelerator.accumulate(policy), accelerator.autocast():
-                loss, metrics = smpo_loss(policy, reference, batch, alphas_cumprod, step_cfg,
-                                          generator)
+                loss, metrics = smpo_loss(policy, reference, batch, part, alphas_cumprod,
+                                          step_cfg)
                 accelerator.backward(loss)
                 if accelerator.sync_gradients:
                     metrics["grad_norm"] = float(accelerator.clip_grad_norm_(
@@ -213,8 +310,8 @@ def train_loop(
                 lr_schedule.step()
                 optimizer.zero_grad(set_to_none=True)
             for name, value in metrics.items():
-                totals[name] = totals.get(name, 0.0) + value / loop.grad_accum
-        totals["grad_norm"] = totals.get("grad_norm", 0.0) * loop.grad_accum
+                totals[name] = totals.get(name, 0.0) + value / accumulation
+        totals["grad_norm"] = totals.get("grad_norm", 0.0) * accumulation
         totals["lr"] = lr_schedule.get_last_lr()[0]
         totals["step_seconds"] = time.perf_counter() - started
         if world > 1:
@@ -227,7 +324,8 @@ def train_loop(
         last = totals
         if on_metrics and ((step + 1) % loop.log_every == 0 or step + 1 == loop.max_steps):
             on_metrics(step + 1, totals)
-        if on_checkpoint and (step + 1) % loop.checkpoint_every == 0:
+        if on_checkpoint and (step + 1) % loop.checkpoint_every == 0 \
+                and step + 1 < loop.max_steps:
             on_checkpoint(step + 1)
     return last
 
@@ -255,67 +353,26 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
 
 
 class CachedPairs:
-    """Micro-batches from the trajectory cache, a pure function of their index.
+    """Micro-batches from the trajectory cache: the pairs a plan slice names, with the
+    empty caption where the plan drops it."""
 
-    Pairs are visited in a fresh seeded permutation each epoch; caption dropout and the
-    timestep / noise generator are seeded by (seed, index) too, so training resumes exactly.
-    """
-
-    def __init__(self, cache, weight: torch.Tensor, winner: torch.Tensor, batch_size: int,
-                 seed: int, empty_caption_prob: float, load_levels: bool,
+    def __init__(self, cache, weight: torch.Tensor, winner: torch.Tensor, load_levels: bool,
                  device: torch.device):
         self.cache, self.weight, self.winner = cache, weight, winner
-        self.batch_size, self.seed = batch_size, seed
-        self.empty_caption_prob, self.load_levels = empty_caption_prob, load_levels
-        self.device = device
-        self._perms: dict[int, torch.Tensor] = {}
+        self.load_levels, self.device = load_levels, device
 
-    def positions(self, index: int) -> list[int]:
-        n = len(self.cache)
-        first = index * self.batch_size
-        out = []
-        for i in range(first, first + self.batch_size):
-            epoch, offset = divmod(i, n)
-            if epoch not in self._perms:
-                self._perms = {epoch: torch.randperm(
-                    n, generator=torch.Generator().manual_seed(self.seed * 1_000_003 + epoch))}
-            out.append(int(self._perms[epoch][offset]))
-        return out
-
-    def __call__(self, index: int) -> tuple[PairBatch, torch.Generator]:
-        positions = self.positions(index)
-        generator = torch.Generator().manual_seed(self.seed * 1_000_003 + 7919 * index + 1)
+    def __call__(self, plan: StepPlan) -> PairBatch:
+        positions = plan.positions.tolist()
         names = ["z0", "text", "pooled", "time_ids"] + (["z"] if self.load_levels else [])
         rows = {k: v.float() for k, v in self.cache.get(positions, names).items()}
-        drop = torch.rand(len(positions), generator=generator) < self.empty_caption_prob
+        drop = plan.drop_caption
         rows["text"][drop] = self.cache.empty_text.float()
         if "pooled" in rows:
             rows["pooled"][drop] = self.cache.empty_pooled.float()
         rows = {k: v.to(self.device) for k, v in rows.items()}
-        batch = PairBatch(
+        return PairBatch(
             z0=rows["z0"], z=rows.get("z"), text=rows["text"],
             weight=self.weight[positions].to(self.device),
             winner=self.winner[positions].to(self.device),
             pooled=rows.get("pooled"), time_ids=rows.get("time_ids"),
         )
-        return batch, generator
-
-
-def save_train_state(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     schedule, step: int, history: list[dict[str, float]]) -> None:
-    """Everything a resumed run needs to continue as if never stopped; written atomically."""
-    with atomic_path(path) as tmp:
-        torch.save({"policy": policy.state_dict(), "optimizer": optimizer.state_dict(),
-                    "schedule": schedule.state_dict(), "step": step, "history": history}, tmp)
-
-
-def load_train_state(path: Path, policy: torch.nn.Module, optimizer: torch.optim.Optimizer,
-                     schedule) -> tuple[int, list[dict[str, float]]]:
-    """Restore a saved state in place; returns (step, history). (0, []) if there is none."""
-    if not Path(path).is_file():
-        return 0, []
-    state = torch.load(path, map_location="cpu", weights_only=False)
-    policy.load_state_dict(state["policy"])
-    optimizer.load_state_dict(state["optimizer"])
-    schedule.load_state_dict(state["schedule"])
-    return state["step"], state["history"]

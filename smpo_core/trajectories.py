@@ -39,7 +39,7 @@ from smpo_core.store import atomic_path, write_json
 
 CACHE_DTYPE = torch.float16
 # Settings a cache must share with the training run that reads it.
-COMPATIBILITY_KEYS = ("base_model", "resolution", "levels")
+COMPATIBILITY_KEYS = ("base_model", "unet", "resolution", "levels")
 
 
 def expected_bytes(pairs: int, latent_shape: Sequence[int], levels: int,
@@ -86,7 +86,7 @@ def invert_pair_batch(
         pooled = prompt.pooled.repeat_interleave(2, dim=0)
         time_ids = micro_conditions([image_size(data) for data in jpegs], resolution)
     eps_fn = noise_predictor(model.unet, prompt.hidden.repeat_interleave(2, dim=0), pooled,
-                             time_ids)
+                             time_ids, model.prediction_type, model.alphas_cumprod.to(z0.device))
     with torch.no_grad():
         z = renoise_invert(eps_fn, z0, list(levels), model.alphas_cumprod.to(z0.device),
                            renoise_steps=renoise_steps, average=average)  # (K, 2B, C, H, W)

@@ -1,76 +1,71 @@
 """train: SmPO fine-tuning of the UNet from the cached trajectories and the soft labels.
 
-`fit` is the training; it runs in the stage's process, or, with `train.num_processes` > 1, in
-each process `accelerate launch` starts (DDP), with this module as their entry point.
+The training is `smpo_core.recipe`; this stage resolves the settings into a `TrainJob`, runs
+it in its own process (or, with `train.num_processes` > 1, under `accelerate launch`) and
+sends its metrics, progress and curves to MLflow and Prefect.
 """
 
 from __future__ import annotations
 
-import argparse
 import json
 import os
-import re
 import subprocess
 import sys
 from collections import deque
-from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
-import torch
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
-from diffusers import DDIMScheduler, UNet2DConditionModel
 
 from smpo_core.errors import SmpoError
-from smpo_core.inversion import inversion_levels
-from smpo_core.models import add_lora, resolve_device, resolve_dtype, save_lora
-from smpo_core.report import training_curves
-from smpo_core.scoring import preference_targets
-from smpo_core.settings import Settings, settings_model
-from smpo_core.store import atomic_dir, atomic_path
-from smpo_core.training import (
-    CachedPairs,
-    LoopConfig,
-    StepConfig,
-    load_train_state,
-    make_optimizer,
-    save_train_state,
-    train_loop,
-    warmup_constant,
+from smpo_core.model_refs import start_unet
+from smpo_core.models import resolve_device
+from smpo_core.recipe import (
+    ERROR_LINE,
+    HISTORY,
+    MetricsEvents,
+    TrainJob,
+    launch_spec,
+    run_training,
 )
-from smpo_core.trajectories import TrajectoryCache
-from stages.common import Progress, StageRun
+from smpo_core.report import training_curves
+from smpo_core.settings import Settings
+from stages.common import StageRun
 from stages.score import LABELS
 from stages.tracking import log_tuned_model, training_metrics
 
-STATE = "train_state.pt"
-HISTORY = "history.json"
 LAUNCH_SPEC = "launch.json"  # what the launched processes train: settings and folders
 LAUNCH_RESULT = "launch-result.json"  # the main process's summary, read back by the stage
-STEP_LINE = re.compile(r"step (\d+)/\d+:")
-ERROR_LINE = "error in training process"  # a launched process's one-line failure
+LAUNCH_EVENTS = "metrics.jsonl"  # the main process's metrics, one JSON line per step
 ROOT = Path(__file__).resolve().parents[1]
 
 
-def compute(run: StageRun) -> dict[str, Any]:
-    cfg = run.settings.train
-    base = run.ctx.resolve(run.settings.model.base)
-    progress = run.progress(total=cfg.max_steps, unit="steps")
-    if cfg.num_processes > 1:
-        summary = _launch(run, base, progress)
-        history = json.loads((run.out_dir / HISTORY).read_text())
-        for entry in history:
-            if entry["step"] > summary["resumed_from_step"]:
-                run.tracker.metrics(training_metrics({k: v for k, v in entry.items()
-                                                      if k != "step"}), step=entry["step"])
-    else:
-        def on_metrics(step: int, metrics: dict[str, float]) -> None:
-            run.tracker.metrics(training_metrics(metrics), step=step)
-            progress.update(step - progress.done)
+def job_for(run: StageRun) -> TrainJob:
+    settings = run.settings
+    if settings.model.unet and settings.train.lora_rank:
+        raise SmpoError(f"train.lora_rank={settings.train.lora_rank} with model.unet="
+                        f"{settings.model.unet!r}: LoRA weights apply to the base's UNet "
+                        f"when loaded; train the whole UNet (train.lora_rank=0) from another "
+                        f"starting UNet")
+    return TrainJob(settings, run.ctx.resolve(settings.model.base), run.input_dir("invert"),
+                    run.input_dir("score") / LABELS, run.out_dir,
+                    start_unet(settings.model.unet, run.ctx.store.root))
 
-        summary = fit(run.settings, base, run.input_dir("invert"), run.input_dir("score"),
-                      run.out_dir, on_metrics, run.log)
+
+def compute(run: StageRun) -> dict[str, Any]:
+    job = job_for(run)
+    progress = run.progress(total=job.settings.train.max_steps, unit="steps")
+
+    def on_metrics(step: int, metrics: dict[str, float]) -> None:
+        run.tracker.metrics(training_metrics(metrics), step=step)
+        progress.update(step - progress.done)
+
+    if job.settings.train.num_processes > 1:
+        summary = _launch(run, job, on_metrics)
+    else:
+        summary = run_training(job, on_metrics)
+    if summary["resumed_from_step"]:
+        run.log("resumed from the step-%d checkpoint", summary["resumed_from_step"])
     progress.close()
     history = json.loads((run.out_dir / HISTORY).read_text())
     if history:
@@ -79,116 +74,15 @@ def compute(run: StageRun) -> dict[str, Any]:
                                              {k: [h.get(k, np.nan) for h in history]
                                               for k in keys}))
     run.artifacts.append(run.out_dir / HISTORY)
-    model = run.settings.model
+    model = job.settings.model
     log_tuned_model(run.tracker, run.out_dir / summary["weights"], summary["weights"],
-                    {"base": base, "revision": model.revision, "vae": run.ctx.resolve(model.vae)})
+                    {"base": job.base, "revision": model.revision,
+                     "vae": run.ctx.resolve(model.vae)})
     return summary
 
 
-def fit(
-    settings: Settings, base: str, invert_dir: Path, score_dir: Path, out_dir: Path,
-    on_metrics: Callable[[int, dict[str, float]], None] | None = None,
-    log: Callable[..., None] | None = None,
-) -> dict[str, Any]:
-    """Train the policy; write its weights, `history.json` and resumable state into out_dir.
-
-    Alone, or as one of the processes of `accelerate launch`: those split each step's
-    micro-batches between them (`train_loop`), and only the main process writes files, logs
-    and calls `on_metrics(step, metrics)`. Returns the stage's summary.
-    """
-    cfg, model_cfg = settings.train, settings.model
-    requested = resolve_device(model_cfg.device)
-    accelerator = Accelerator(
-        mixed_precision=cfg.mixed_precision if requested.type == "cuda" else "no",
-        gradient_accumulation_steps=cfg.grad_accum, cpu=requested.type == "cpu",
-        # The processes split each optimiser step's micro-batches (train_loop), so the
-        # learning-rate schedule advances once per step, not once per process and step.
-        dataloader_config=DataLoaderConfiguration(split_batches=True),
-    )
-    # Under DDP each process owns the device accelerate gave it; alone, the setting decides.
-    device = accelerator.device if accelerator.num_processes > 1 else requested
-    main = accelerator.is_main_process
-    cache = TrajectoryCache(invert_dir)
-    levels = inversion_levels(settings.invert.num_levels)
-    cache.check_compatible({"base_model": model_cfg.base, "resolution": model_cfg.resolution,
-                            "levels": levels})
-    weight, winner = preference_targets(score_dir / LABELS, cache.pair_ids, cfg.labels)
-    policy = UNet2DConditionModel.from_pretrained(base, subfolder="unet",
-                                                  revision=model_cfg.revision).to(device)
-    trainable = add_lora(policy, cfg.lora_rank) if cfg.lora_rank else sum(
-        p.numel() for p in policy.parameters())
-    if cfg.gradient_checkpointing:
-        policy.enable_gradient_checkpointing()
-    policy.train()
-    reference = None
-    if cfg.method == "preference":
-        reference = UNet2DConditionModel.from_pretrained(
-            base, subfolder="unet", revision=model_cfg.revision,
-            dtype=resolve_dtype(model_cfg.dtype, device))
-        reference.requires_grad_(False).eval().to(device)
-    alphas_cumprod = DDIMScheduler.from_pretrained(
-        base, subfolder="scheduler", revision=model_cfg.revision).alphas_cumprod.float()
-
-    optimizer = make_optimizer(cfg.optimizer, [p for p in policy.parameters() if p.requires_grad],
-                               cfg.learning_rate, cfg.weight_decay)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
-    policy, optimizer, schedule = accelerator.prepare(policy, optimizer, schedule)
-
-    state_file = out_dir / STATE
-    start_step, history = load_train_state(state_file, accelerator.unwrap_model(policy),
-                                           optimizer, schedule)
-    if start_step and main and log:
-        log("resuming from step %d", start_step)
-
-    data = CachedPairs(cache, weight, winner, cfg.batch_size, cfg.seed, cfg.empty_caption_prob,
-                       load_levels=cfg.trajectory == "inversion"
-                       and cfg.trajectory_source == "cache", device=device)
-    step_cfg = StepConfig(cfg.method, cfg.trajectory, cfg.trajectory_source,
-                          cfg.timestep_sampling, cfg.beta, levels,
-                          settings.invert.renoise_steps, settings.invert.average)
-    loop = LoopConfig(cfg.max_steps, cfg.grad_accum, cfg.max_grad_norm, cfg.checkpoint_every,
-                      cfg.log_every)
-
-    def record(step: int, metrics: dict[str, float]) -> None:
-        history.append({"step": step, **metrics})
-        if main and on_metrics:
-            on_metrics(step, metrics)
-
-    def checkpoint(step: int) -> None:
-        if main:
-            save_train_state(state_file, accelerator.unwrap_model(policy), optimizer, schedule,
-                             step, history)
-        accelerator.wait_for_everyone()
-
-    train_loop(policy, reference, data, alphas_cumprod, step_cfg, loop, optimizer, schedule,
-               accelerator, start_step, record, checkpoint)
-    weights = "lora" if cfg.lora_rank else "unet"
-    if main:
-        with atomic_dir(out_dir / weights) as tmp:
-            if cfg.lora_rank:
-                save_lora(accelerator.unwrap_model(policy), tmp)
-            else:
-                accelerator.unwrap_model(policy).save_pretrained(tmp)
-        with atomic_path(out_dir / HISTORY) as tmp:
-            tmp.write_text(json.dumps(history, indent=1))
-    accelerator.wait_for_everyone()
-    first, last = (history[0], history[-1]) if history else ({}, {})
-    return {
-        "steps": cfg.max_steps, "resumed_from_step": start_step, "cached_pairs": len(cache),
-        "pairs_seen": cfg.max_steps * cfg.grad_accum * cfg.batch_size * accelerator.num_processes,
-        "num_processes": accelerator.num_processes,
-        "first_loss": first.get("loss"), "final_loss": last.get("loss"),
-        "final_implicit_accuracy": last.get("implicit_accuracy"),
-        "mean_step_seconds": float(np.mean([h["step_seconds"] for h in history]))
-        if history else None,
-        "method": cfg.method, "labels": cfg.labels, "trajectory": cfg.trajectory,
-        "weights": weights, "trainable_parameters": trainable,
-        "weights_path": str(out_dir / weights),
-    }
-
-
 def launch_command(settings: Settings, spec: Path) -> list[str]:
-    """`accelerate launch` of this module on `train.num_processes` processes of this machine.
+    """`accelerate launch` of the recipe on `train.num_processes` processes of this machine.
 
     `--multi_gpu` selects torch.distributed.run, which starts the processes, on the CPU too
     (`--cpu` would start a single one); there the workers' `Accelerator(cpu=True)` uses gloo.
@@ -199,17 +93,17 @@ def launch_command(settings: Settings, spec: Path) -> list[str]:
             "--num_processes", str(settings.train.num_processes), "--num_machines", "1",
             "--mixed_precision", settings.train.mixed_precision if cuda else "no",
             "--dynamo_backend", "no", "--main_process_port", "0",
-            "-m", "stages.train", "--spec", str(spec)]
+            "-m", "smpo_core.recipe", "--spec", str(spec)]
 
 
-def _launch(run: StageRun, base: str, progress: Progress) -> dict[str, Any]:
-    """Run `fit` under `accelerate launch`, its output streamed into the stage log."""
+def _launch(run: StageRun, job: TrainJob, on_metrics) -> dict[str, Any]:
+    """Run the recipe under `accelerate launch`: its output streamed into the stage log, its
+    metrics read from the JSON lines the main process writes."""
     spec, result = run.out_dir / LAUNCH_SPEC, run.out_dir / LAUNCH_RESULT
+    events = MetricsEvents(run.out_dir / LAUNCH_EVENTS)
     result.unlink(missing_ok=True)
-    spec.write_text(json.dumps({
-        "settings": run.settings.model_dump(mode="json"), "base": base,
-        "invert": str(run.input_dir("invert")), "score": str(run.input_dir("score")),
-        "out_dir": str(run.out_dir), "result": str(result)}, indent=1))
+    events.path.unlink(missing_ok=True)
+    spec.write_text(json.dumps(launch_spec(job, result, events.path), indent=1))
     command = launch_command(run.settings, spec)
     run.log("launching %s", " ".join(command))
     env = os.environ | {"PYTHONUNBUFFERED": "1",
@@ -217,6 +111,11 @@ def _launch(run: StageRun, base: str, progress: Progress) -> dict[str, Any]:
                                                                     os.environ.get("PYTHONPATH")]))}
     tail: deque[str] = deque(maxlen=25)
     errors: list[str] = []
+
+    def forward_metrics() -> None:
+        for step, metrics in events.read_new():
+            on_metrics(step, metrics)
+
     # Same session as this worker: cancelling the flow run must take the training down too.
     with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
                           stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
@@ -227,11 +126,11 @@ def _launch(run: StageRun, base: str, progress: Progress) -> dict[str, Any]:
                 if line.startswith(ERROR_LINE):
                     errors.append(line)
                 run.log("%s", line)
-                if step := STEP_LINE.match(line):
-                    progress.update(int(step[1]) - progress.done)
+                forward_metrics()
         except BaseException:
             process.terminate()  # torch.distributed.run passes it on to the processes
             raise
+    forward_metrics()
     if process.returncode != 0 or not result.is_file():
         raise SmpoError(
             f"train: `accelerate launch` of {run.settings.train.num_processes} processes failed "
@@ -240,33 +139,3 @@ def _launch(run: StageRun, base: str, progress: Progress) -> dict[str, Any]:
             + "\n(the whole output is in the stage log); fix the cause, or set "
             "train.num_processes=1 to train in the stage's process")
     return json.loads(result.read_text())
-
-
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of each process `accelerate launch` starts for the train stage."""
-    parser = argparse.ArgumentParser(description="One train-stage process under "
-                                     "`accelerate launch`; started by the train stage.")
-    parser.add_argument("--spec", type=Path, required=True, help="the stage's launch.json")
-    spec = json.loads(parser.parse_args(argv).spec.read_text())
-    settings = settings_model().model_validate(spec["settings"])
-
-    def say(message: str, *args: Any) -> None:
-        print(message % args, flush=True)
-
-    def report(step: int, metrics: dict[str, float]) -> None:
-        say("step %d/%d: %s", step, settings.train.max_steps,
-            " ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
-
-    try:
-        summary = fit(settings, spec["base"], Path(spec["invert"]), Path(spec["score"]),
-                      Path(spec["out_dir"]), report, say)
-    except Exception as exc:  # the stage shows this line; the traceback follows in the log
-        say("%s %d: %s: %s", ERROR_LINE, PartialState().process_index, type(exc).__name__, exc)
-        raise
-    if PartialState().is_main_process:
-        with atomic_path(Path(spec["result"])) as tmp:
-            tmp.write_text(json.dumps(summary))
-
-
-if __name__ == "__main__":
-    main()

@@ -22,6 +22,9 @@ CASES = [
     (["--force", "trian"], "--force 'trian': unknown (did you mean 'train'?); expected some "
                            "of download, score"),
     (["--set", "train.beta.x=1"], "train.beta is not a mapping, so it has no key 'x'"),
+    (["--set", "train.batch_size=3"],
+     "override 'train.batch_size=3': section train: train.effective_batch=8 is not a multiple "
+     "of train.batch_size x train.num_processes = 3 x 1 = 3"),
     (["evaluate", "--set", "evaluate.metrics.hpsv2=/nowhere/HPS.pt"],
      "evaluate.metrics.hpsv2 '/nowhere/HPS.pt': no such file or folder"),
 ]
@@ -53,6 +56,9 @@ def test_settings_explains_every_setting_of_a_profile():
         assert f"# {description}" in lines[key]
     assert lines["train.beta"].startswith("train.beta=5000.0  (--set)")
     assert "(profile)" in lines["invert.max_pairs"]  # sd15.yaml sets it
+    # The paper's numbers, as the defaults the profile keeps.
+    assert lines["train.effective_batch"].startswith("train.effective_batch=1024  (default)")
+    assert lines["train.timestep_sampling"].startswith("train.timestep_sampling='uniform'")
     assert lines["train.learning_rate"].startswith("train.learning_rate=1.024e-05  (default)")
     # The nested override changed one metric and kept the other four.
     metrics = dict(settings.evaluate.metrics, hpsv2="/models/HPS_v2.1_compressed.pt")

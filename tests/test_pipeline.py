@@ -168,12 +168,19 @@ def test_invert_caches_trajectories(runs):
     meta = json.loads((folder / "cache.json").read_text())
     assert meta["levels"] == [199, 399, 599, 799, 999]
     index = pq.read_table(sorted(folder.glob("index-*.parquet"))[0])
-    total = sum(pq.read_metadata(f).num_rows for f in folder.glob("index-*.parquet"))
-    assert total == 128  # invert.max_pairs of the tiny profile
-    first_pairs = pq.read_table(sorted(Path(runs["first"]["download"]["path"])
-                                       .glob("pairs-*.parquet"))[0], columns=["pair_id"])
-    assert index.column("pair_id").to_pylist() == \
-        first_pairs.column("pair_id").to_pylist()[:index.num_rows]
+    cached = pq.read_table(sorted(folder.glob("index-*.parquet")),
+                           columns=["pair_id"]).column("pair_id").to_pylist()
+    assert len(cached) == 128  # invert.max_pairs of the tiny profile
+    downloaded = pq.read_table(sorted(Path(runs["first"]["download"]["path"])
+                                      .glob("pairs-*.parquet")), columns=["pair_id"]
+                               ).column("pair_id").to_pylist()
+    # A random sample of all the downloaded pairs, in their order, not the first 128.
+    where = {pair_id: position for position, pair_id in enumerate(downloaded)}
+    positions = [where[pair_id] for pair_id in cached]
+    assert positions == sorted(set(positions))
+    assert positions != list(range(128))
+    assert max(positions) >= 0.9 * len(downloaded) and min(positions) < 0.1 * len(downloaded)
+    assert meta["source_pairs"] == len(downloaded) and meta["sample_seed"] == 0
     with safe_open(str(folder / "shard-00000.safetensors"), "pt") as shard:
         z, z0 = shard.get_tensor("z"), shard.get_tensor("z0")
     assert z.dtype == torch.float16

@@ -10,7 +10,7 @@ import torch
 from smpo_core.generation import ImageFolder, ModelSpec, Sampling, build_pipeline, draw
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import encode_captions, load_diffusion
-from smpo_core.training import CachedPairs, PairBatch, StepConfig, smpo_loss
+from smpo_core.training import CachedPairs, PairBatch, StepConfig, TrainingPlan, smpo_loss
 from smpo_core.trajectories import TrajectoryCache, build_cache, invert_pair_batch, write_cache_meta
 from smpo_core.worlds.tiny import build_tiny_sdxl, trainable_pairs
 
@@ -48,9 +48,9 @@ def test_cache_keeps_pooled_and_size_ids_and_trains_cached_like_online(sdxl):
     cache = TrajectoryCache(cache_dir)
     assert cache.empty_pooled is not None
     data = CachedPairs(cache, torch.tensor([2.0, -1.0, 0.5, 3.0]), torch.tensor([0, 1, 0, 0]),
-                       batch_size=4, seed=0, empty_caption_prob=0.0, load_levels=True,
-                       device=torch.device("cpu"))
-    batch, _ = data(0)
+                       load_levels=True, device=torch.device("cpu"))
+    plan = TrainingPlan(len(cache), 4, 0, tuple(LEVELS), 1000).step(0)
+    batch = data(plan)
     assert tuple(batch.pooled.shape) == (4, 32) and tuple(batch.time_ids.shape) == (4, 2, 6)
     reference = copy.deepcopy(model.unet)
     with torch.no_grad():
@@ -58,12 +58,11 @@ def test_cache_keeps_pooled_and_size_ids_and_trains_cached_like_online(sdxl):
             p.add_(1e-3 * torch.randn(p.shape, generator=torch.Generator().manual_seed(0)))
     losses = []
     for source in ("cache", "online"):
-        cfg = StepConfig("preference", "inversion", source, "level", 2000.0, LEVELS)
+        cfg = StepConfig("preference", "inversion", source, 2000.0, LEVELS)
         run = batch if source == "cache" else PairBatch(batch.z0, None, batch.text, batch.weight,
                                                         batch.winner, batch.pooled,
                                                         batch.time_ids)
-        loss, _ = smpo_loss(model.unet, reference, run, model.alphas_cumprod, cfg,
-                            torch.Generator().manual_seed(3))
+        loss, _ = smpo_loss(model.unet, reference, run, plan, model.alphas_cumprod, cfg)
         losses.append(loss.item())
     # The cache is fp16: the two agree to its precision.
     assert losses[0] == pytest.approx(losses[1], rel=1e-2)

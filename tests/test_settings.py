@@ -29,6 +29,31 @@ def test_profiles_load_and_differ_where_the_paper_says():
     assert sd15.score.bounds == "paper"
 
 
+@pytest.mark.parametrize("profile", ["sd15", "sdxl"])
+def test_the_paper_profiles_train_1024_pairs_a_step_at_1e8_per_pair(profile):
+    """METHOD.md §4: effective batch 1024 (8 GPUs x 1 x 128), lr 1e-8 x 1024, t uniform."""
+    train = load_settings(profile).train
+    assert train.effective_batch == 1024
+    assert train.learning_rate == pytest.approx(1e-8 * 1024, rel=1e-12)
+    assert train.timestep_sampling == "uniform"
+    eight = load_settings(profile, ["train.num_processes=8"]).train
+    assert (eight.batch_size, eight.grad_accum) == (1, 128)
+    assert load_settings(profile).train.grad_accum == 1024  # one GPU accumulates it all
+
+
+def test_an_indivisible_batch_is_refused_naming_the_three_settings():
+    assert load_settings("sd15", ["train.batch_size=4", "train.num_processes=8"]
+                         ).train.grad_accum == 32
+    with pytest.raises(SmpoError) as refused:
+        load_settings("sd15", ["train.batch_size=3"])
+    assert str(refused.value) == (
+        "override 'train.batch_size=3': section train: train.effective_batch=1024 is not a "
+        "multiple of train.batch_size x train.num_processes = 3 x 1 = 3; choose a batch_size "
+        "that divides effective_batch / num_processes")
+    with pytest.raises(SmpoError, match="= 2 x 3 = 6"):
+        load_settings("sd15", ["train.batch_size=2", "train.num_processes=3"])
+
+
 def test_overrides_are_typed_and_validated():
     settings = load_settings("tiny", ["train.beta=5000", "evaluate.metrics={clipscore: x}"])
     assert settings.train.beta == 5000.0

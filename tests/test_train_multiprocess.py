@@ -17,8 +17,9 @@ from smpo_core.store import Store
 
 pytestmark = pytest.mark.integration
 
-# 3 steps of 2 pairs per micro-batch from a 16-pair cache; a checkpoint after step 2.
-SMALL = ["invert.max_pairs=16", "train.max_steps=3", "train.batch_size=2",
+# 3 steps of 8 pairs (the tiny profile's effective batch) in micro-batches of 4, from a 16-pair
+# cache; a checkpoint after step 2.
+SMALL = ["invert.max_pairs=16", "train.max_steps=3", "train.batch_size=4",
          "train.checkpoint_every=2"]
 
 
@@ -28,8 +29,8 @@ def _weights(result) -> dict[str, torch.Tensor]:
 
 @pytest.fixture(scope="module")
 def trained(tmp_path_factory):
-    """Two processes with grad_accum 1, one process with grad_accum 2, the base UNet, and the
-    two-process stage redone after it was killed past its checkpoint."""
+    """Two processes with one micro-batch each, one process accumulating 2, the base
+    UNet, and the two-process stage redone after it was killed past its checkpoint."""
     from mlflow.tracking import MlflowClient
 
     from stages.common import RunContext, stage_task
@@ -56,8 +57,12 @@ def trained(tmp_path_factory):
         # weight differences up to 2e-5 where a gradient is nearly 0.
         threads = torch.get_num_threads()
         torch.set_num_threads(1)
+        # Another store: same settings but for num_processes, so the same key.
+        alone = tmp_path_factory.mktemp("store-one").resolve()
+        alone_uri = Store(alone).tracking_uri
         try:
-            one = train(context("train.grad_accum=2"), inputs)
+            one = train(RunContext(context().settings, str(alone), alone_uri, experiment_id(
+                MlflowClient(alone_uri), alone_uri, alone)), inputs)
         finally:
             torch.set_num_threads(threads)
         two_weights = _weights(two)
@@ -75,7 +80,8 @@ def trained(tmp_path_factory):
 def test_two_processes_train_three_finite_steps_and_change_the_unet(trained):
     two = trained["two"]
     assert two.summary["num_processes"] == 2
-    assert two.summary["pairs_seen"] == 3 * 2 * 2
+    assert two.summary["pairs_seen"] == 3 * 8
+    assert (two.summary["grad_accum"], two.summary["micro_batch"]) == (1, 4)
     history = json.loads((Path(two.path) / "history.json").read_text())
     assert [h["step"] for h in history] == [1, 2, 3]
     assert all(np.isfinite(v) for h in history for v in h.values())
@@ -106,10 +112,12 @@ def test_the_stage_logs_the_launched_training_to_mlflow(trained):
 
 
 def test_two_processes_equal_one_process_with_twice_the_accumulation(trained):
-    """Process r of 2 takes micro-batch 2i + r: together exactly the micro-batches (pairs,
-    caption dropout, timesteps) of one process accumulating 2, and DDP averages the gradients
-    as accumulation does. (Doubling train.batch_size instead trains on the same pairs with
-    other timesteps and caption dropout: a different run.)"""
+    """Process r of 2 takes micro-batch 2i + r of the step's draws: together exactly the
+    micro-batches (pairs, caption dropout, timesteps) of one process accumulating 2, and DDP
+    averages the gradients as accumulation does. num_processes is not in the stage key, as
+    it does not change the result. (With more micro-batches per process the gradients sum in
+    another order, and Adam turns that float noise into weight differences of ~1e-5.)"""
+    assert trained["one"].key == trained["two"].key
     one, two = _weights(trained["one"]), trained["two_weights"]
     assert one.keys() == two.keys()
     worst = max((one[k] - two[k]).abs().max().item() for k in one)
