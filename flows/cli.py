@@ -3,6 +3,9 @@
     smpo run                         all stages of the tiny profile
     smpo run train evaluate          those stages (upstream reused, built if missing)
     smpo run --profile sd15 --set train.beta=5000 --force train
+    smpo run --dry-run --set train.beta=5000
+                                     which stages would be reused and which would run, and why
+    smpo runs                        the store's trainings and evaluations: settings, results
     smpo settings [--profile P]      every setting: value, where it comes from, meaning
     smpo sync [--store S]            log to MLflow what runs could not (tracking server down),
                                      close runs that dead processes left RUNNING
@@ -52,6 +55,14 @@ def _parser() -> argparse.ArgumentParser:
     sync = sub.add_parser("sync", help="log what runs could not track (server down) and "
                           "close runs left RUNNING by dead processes")
     sync.add_argument("--store", default=None, help="stage store folder (as for run)")
+    run.add_argument("--dry-run", action="store_true",
+                     help="say which stages would be reused and which would run, and why; "
+                          "run nothing, write nothing")
+    runs = sub.add_parser("runs", help="the store's train and evaluate outputs: the settings "
+                          "that tell them apart and their results")
+    runs.add_argument("--store", default=None,
+                      help=f"stage store folder (default ${Environment.variable('store')} or "
+                           f"{Environment.model_fields['store'].default})")
     show = sub.add_parser("settings", help="explain every setting of a profile")
     _common(show)
     compare = sub.add_parser(
@@ -79,6 +90,27 @@ def print_table(rows: list[dict]) -> None:
     for row in rows:
         status = "reused" if row["reused"] else "ran"
         print(f"{row['stage']:<10} {status:<7} {row['key']:<18} {row['seconds']:>7.1f}s")
+
+
+def print_results(results: dict[str, dict[str, float]]) -> None:
+    """The evaluation's results: per metric the base and tuned means, the difference and the
+    tuned model's win rate with its 95% interval."""
+    from smpo_core.evaluation import result_rows
+
+    print(f"\n{'metric':<12} {'base':>10} {'tuned':>10} {'difference':>11}  "
+          f"win rate [95% CI]")
+    for row in result_rows(results):
+        low, high = row["win_rate_ci"]
+        print(f"{row['metric']:<12} {row['base']:>10.4f} {row['tuned']:>10.4f} "
+              f"{row['difference']:>+11.4f}  {row['win_rate']:.3f} [{low:.3f}, {high:.3f}]")
+
+
+def print_dry_run(planned: list) -> None:
+    print(f"{'stage':<10} {'would':<7} {'key':<18} why")
+    for step in planned:
+        print(f"{step.stage:<10} {'reuse' if step.reuse else 'run':<7} {step.key:<18} "
+              f"{step.reason}")
+    print("\n(dry run: nothing ran, nothing was written)")
 
 
 def print_settings(profile: str, overrides: list[str]) -> None:
@@ -126,6 +158,8 @@ def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     # Offline machines: Prefect's temporary server would log a failed telemetry call each run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
+    # Its start takes 4-10 s on a quiet machine, a minute on 2 busy cores (default limit 20 s).
+    os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
     try:
         if args.command == "settings":
             print_settings(args.profile, args.overrides)
@@ -135,8 +169,17 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sync":
             return _sync(Path(args.store or environment().store).expanduser().resolve())
         store = args.store or str(environment().store)
+        if args.command == "runs":
+            print_runs(Path(store).expanduser().resolve())
+            return 0
         request = dict(stages=args.stages or None, profile=args.profile,
                        overrides=args.overrides, store=store, force=args.force)
+        if args.dry_run:
+            from flows.plan import dry_run
+
+            print_dry_run(dry_run(plan_run(**request, build=False)))
+            return 0
+        prefect_ui = _use_served_prefect(Path(store))  # before Prefect is imported
         plan = plan_run(**request)  # before Prefect starts: bad input fails at once
         from flows.pipeline import run_checked
 
@@ -152,7 +195,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     print_table(rows)
-    _print_next_steps(Path(store).expanduser().resolve(), rows)
+    _print_next_steps(Path(store).expanduser().resolve(), rows, plan.tracking_uri, prefect_ui)
     return 0
 
 
@@ -170,6 +213,19 @@ def _sync(store: Path) -> int:
     logged = resync.sync(client, experiment, store)
     print(f"{uri}: logged {logged} pending runs, closed {closed} runs left RUNNING")
     return 0
+def _use_served_prefect(store: Path) -> str | None:
+    """Send the flow run to the Prefect server `make serve` runs for this store, unless
+    PREFECT_API_URL names one already; returns the Prefect UI's address, if any."""
+    from flows.serve import served
+
+    if url := os.environ.get("PREFECT_API_URL"):
+        return url.removesuffix("/").removesuffix("/api")
+    state = served(store)
+    if not state:
+        return None
+    ui = f"http://127.0.0.1:{state['prefect_port']}"
+    os.environ["PREFECT_API_URL"] = f"{ui}/api"
+    return ui
 
 
 def _compare(args: argparse.Namespace) -> int:
@@ -204,14 +260,100 @@ def print_comparison(summary: dict) -> None:
                   f"{diff:<36} {win}")
 
 
-def _print_next_steps(store: Path, rows: list[dict]) -> None:
-    evaluate = next((r for r in rows if r["stage"] == "evaluate"), None)
-    print(f"\nstore: {store}")
+def _print_next_steps(store: Path, rows: list[dict], uri: str, prefect_ui: str | None) -> None:
+    """The results, then where everything is: weights, report, grid, the UIs."""
+    by_stage = {row["stage"]: row for row in rows}
+    evaluate, train = by_stage.get("evaluate"), by_stage.get("train")
+    if evaluate and evaluate["summary"].get("results"):
+        print_results(evaluate["summary"]["results"])
+    print(f"\nstore:      {store}")
+    if train and train["summary"].get("weights_path"):
+        print(f"weights:    {train['summary']['weights_path']}  (diffusers layout; README: "
+              f"Loading the trained weights)")
     if evaluate:
-        print(f"report: {Path(evaluate['path']) / 'report.html'}")
+        print(f"report:     {Path(evaluate['path']) / 'report.html'}")
         print(f"image grid: {Path(evaluate['path']) / 'grid.png'}")
-    print(f"MLflow UI: .venv/bin/mlflow ui --backend-store-uri {tracking_uri(store)} --port 5000"
-          f"  (then open http://127.0.0.1:5000)")
+    print(f"MLflow:     {_mlflow_ui(store, uri)}")
+    if prefect_ui:
+        print(f"Prefect UI: {prefect_ui}/runs")
+
+
+def _mlflow_ui(store: Path, uri: str) -> str:
+    """Where to see the runs: the runs table of the MLflow server that tracks them or that
+    `make serve` runs on this store, else the command that serves the store's database."""
+    from flows.serve import served
+
+    state = served(store)
+    if uri.startswith(("http://", "https://")):
+        base = uri.rstrip("/")
+    elif state and uri == tracking_uri(store):
+        base = f"http://127.0.0.1:{state['mlflow_port']}"
+    else:
+        return (f".venv/bin/mlflow ui --backend-store-uri {uri} --port 5000  (then open "
+                f"http://127.0.0.1:5000)")
+    from mlflow.tracking import MlflowClient
+
+    from stages.tracking import runs_table_url
+
+    experiment = MlflowClient(uri).get_experiment_by_name(environment().experiment)
+    return runs_table_url(base, experiment.experiment_id) if experiment else base
+
+
+def print_runs(store: Path) -> None:
+    """The store's train and evaluate outputs, oldest first: key, when, the settings that
+    differ between them (an evaluation's include those of the training it evaluates) and
+    their headline results."""
+    from smpo_core.evaluation import result_rows
+    from smpo_core.store import Store
+    from stages.tracking import flatten
+
+    outputs = Store(store)
+    trains = {folder.name: manifest for folder, manifest in outputs.outputs("train")}
+    evaluations = outputs.outputs("evaluate")
+    if not trains and not evaluations:
+        print(f"no train or evaluate outputs in {store} yet: `smpo run` makes them")
+        return
+    settings = {key: flatten(m.get("settings", {})) for key, m in trains.items()}
+    print(f"train outputs in {store / 'train'}:")
+    differ = _differing(list(settings.values()))
+    print(f"{'key':<18} {'finished':<20} {'final loss':>10} {'impl. acc':>9}  settings")
+    for key, manifest in trains.items():
+        print(f"{key:<18} {_when(manifest):<20} {_number(manifest.get('final_loss')):>10} "
+              f"{_number(manifest.get('final_implicit_accuracy')):>9}  "
+              f"{_shown(settings[key], differ)}")
+    if not evaluations:
+        return
+    print(f"\nevaluate outputs in {store / 'evaluate'} (tuned mean vs base, win rate):")
+    combined = [flatten(m.get("settings", {})) | settings.get(m.get("inputs", {}).get("train"), {})
+                for _, m in evaluations]
+    differ = _differing(combined)
+    print(f"{'key':<18} {'finished':<20} {'train':<18} settings / results")
+    for (folder, manifest), values in zip(evaluations, combined, strict=True):
+        results = ", ".join(f"{r['metric']} {r['tuned']:.4g} vs {r['base']:.4g} "
+                            f"(win {r['win_rate']:.2f})"
+                            for r in result_rows(manifest.get("results", {})))
+        print(f"{folder.name:<18} {_when(manifest):<20} "
+              f"{manifest.get('inputs', {}).get('train', '?'):<18} {_shown(values, differ)}"
+              f"\n{'':<58} {results}")
+
+
+def _differing(rows: list[dict[str, Any]]) -> list[str]:
+    """The keys whose values are not the same in every row (all keys of a single row would
+    say nothing: none)."""
+    keys = sorted({key for row in rows for key in row})
+    return [key for key in keys if len({repr(row.get(key)) for row in rows}) > 1]
+
+
+def _shown(values: dict[str, Any], keys: list[str]) -> str:
+    return " ".join(f"{key}={values.get(key)}" for key in keys) or "-"
+
+
+def _when(manifest: dict) -> str:
+    return manifest.get("finished_at", "?")[:19].replace("T", " ")
+
+
+def _number(value: Any) -> str:
+    return f"{value:.4f}" if isinstance(value, int | float) else "-"
 
 
 if __name__ == "__main__":

@@ -36,7 +36,7 @@ from smpo_core.prompts import PromptSet, load_prompt_set
 from smpo_core.settings import Settings, load_settings
 from smpo_core.store import Store, stage_key
 from stages import tracking
-from stages.common import RunContext, in_prefect_run, logger
+from stages.common import RunContext, in_prefect_run, logger, quiet_libraries
 from stages.evaluate import GENERATIONS, evaluation_config, metric_specs, reporter
 
 VERSION = "1"
@@ -123,6 +123,7 @@ def compare(models: list[str], profile: str = "tiny", overrides: list[str] | Non
     """Evaluate `models` (the first is the reference) on the same prompts and seeds: one
     table, one grid, one HTML report, one MLflow run."""
     plan = plan_comparison(models, profile, overrides, store)
+    quiet_libraries()
     settings, ctx = plan.settings, plan.ctx
     device = resolve_device(settings.model.device)
     client = MlflowClient(ctx.tracking_uri)

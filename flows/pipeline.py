@@ -13,7 +13,6 @@ it starts Prefect (a temporary server takes seconds) and hands its plan to the f
 from __future__ import annotations
 
 import subprocess
-import time
 import uuid
 from pathlib import Path
 from typing import Any
@@ -21,11 +20,19 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import flow, runtime
 
-from flows.plan import RunPlan, plan_run
+from flows.plan import RunPlan, plan_run, run_name
+from smpo_core.evaluation import result_rows
 from smpo_core.settings import STAGES
 from smpo_core.store import Store
 from stages import resync, tracking
-from stages.common import RunContext, StageResult, stage_task
+from stages.common import (
+    RunContext,
+    StageResult,
+    in_prefect_run,
+    quiet_libraries,
+    stage_result,
+    stage_task,
+)
 
 
 def code_version() -> str:
@@ -59,7 +66,14 @@ def run_checked(plan: RunPlan, stages: list[str] | None = None, profile: str = "
         _CHECKED.pop(request, None)
 
 
-@flow(name="smpo", log_prints=True)
+def _flow_run_name() -> str:
+    """The Prefect flow run's name: what sets it apart, as its MLflow parent run says."""
+    parameters = runtime.flow_run.parameters
+    return run_name(parameters.get("profile") or "tiny", parameters.get("stages"),
+                    parameters.get("overrides"), parameters.get("force"))
+
+
+@flow(name="smpo", log_prints=True, flow_run_name=_flow_run_name)
 def smpo(
     stages: list[str] | None = None,
     profile: str = "tiny",
@@ -72,6 +86,7 @@ def smpo(
     `force`: stages to recompute although their outputs exist."""
     run = (_CHECKED.pop(_request(stages, profile, overrides, store, force), None)
            or plan_run(stages, profile, overrides, store, force))
+    quiet_libraries()
     settings = run.settings
     run.store.mkdir(parents=True, exist_ok=True)
     client = MlflowClient(run.tracking_uri)
@@ -82,22 +97,71 @@ def smpo(
         resync.recover(client, experiment, run.store)
     tags = {"prefect.flow_run_id": runtime.flow_run.id or "", "smpo.profile": settings.profile,
             "smpo.code_version": code_version(), "smpo.stages": ",".join(run.stages),
-            "smpo.overrides": " ".join(overrides or [])}
+            "smpo.overrides": " ".join(overrides or []), "smpo.store": str(run.store)}
     if runtime.flow_run.ui_url:
         tags["prefect.flow_run_url"] = runtime.flow_run.ui_url
-    started = time.strftime("%Y-%m-%d %H:%M:%S")
-    with tracking.run(client, experiment, f"smpo {settings.profile} {started}", tags) as parent:
-        parent.params({"profile": settings.profile, "stages": ",".join(run.stages),
-                       "store": str(run.store)})
+    name = run_name(settings.profile, stages, overrides, force)
+    with tracking.run(client, experiment, name, tags) as parent:
+        # Every resolved setting, so that the runs table can show what differs between runs.
+        parent.params({"stages": ",".join(run.stages)} | settings.model_dump(mode="json"))
         ctx = RunContext(settings, str(run.store), run.tracking_uri, experiment, parent.run_id,
                          flow_id=uuid.uuid4().hex[:12])
         results: dict[str, StageResult] = {}
         for stage in run.stages:
             inputs = {name: results[name] for name in STAGES[stage].upstream}
-            results[stage] = stage_task(stage)(ctx, inputs, force=stage in run.forced)
+            results[stage] = stage_result(stage_task(stage)(ctx, inputs,
+                                                            force=stage in run.forced))
+        parent.metrics(headline_metrics(results))
         parent.tags({"smpo.ran": ",".join(s for s, r in results.items() if not r.reused)})
     if parent.lost:
         resync.record(run.store, "flow", ctx.flow_id, {
-            "run_id": parent.run_id, "name": f"smpo {settings.profile} {started}",
-            "tags": tags, "status": "FINISHED"})
+            "run_id": parent.run_id, "name": name, "tags": tags, "status": "FINISHED"})
+    if "evaluate" in results:
+        _results_artifact(results["evaluate"], report_link(run.tracking_uri, experiment,
+                                                           results["evaluate"]))
     return [result.as_dict() for result in results.values()]
+
+
+def headline_metrics(results: dict[str, StageResult]) -> dict[str, float]:
+    """What a flow run's parent run shows for its results: the training's final loss and
+    implicit accuracy, and per metric the base and tuned means, the difference and the win
+    rate; named as the stage runs name them."""
+    metrics: dict[str, float] = {}
+    if "train" in results:
+        summary = results["train"].summary
+        metrics |= {f"train.{k}": summary[k] for k in ("final_loss", "final_implicit_accuracy")
+                    if summary.get(k) is not None}
+    if "evaluate" in results:
+        for row in result_rows(results["evaluate"].summary.get("results", {})):
+            metric = f"eval.{row['metric']}"
+            metrics |= {f"{metric}.base.mean": row["base"], f"{metric}.tuned.mean": row["tuned"],
+                        f"{metric}.tuned.diff_mean": row["difference"],
+                        f"{metric}.tuned.win_rate": row["win_rate"]}
+    return metrics
+
+
+def report_link(uri: str, experiment: str, evaluate: StageResult) -> str:
+    """Where a person opens the evaluation report: the evaluate run's artifact page on an
+    MLflow server, else the file in the store."""
+    if uri.startswith(("http://", "https://")) and evaluate.run_id:
+        return (f"{uri.rstrip('/')}/#/experiments/{experiment}/runs/{evaluate.run_id}"
+                f"/artifacts/report.html")
+    return (Path(evaluate.path) / "report.html").as_uri()
+
+
+def _results_artifact(evaluate: StageResult, link: str) -> None:
+    """The results table in the Prefect UI: per metric base and tuned mean, difference, win
+    rate; with a link to the report."""
+    if not in_prefect_run():
+        return
+    from prefect.artifacts import create_table_artifact
+
+    rows = [{"metric": row["metric"], "base": f"{row['base']:.4f}",
+             "tuned": f"{row['tuned']:.4f}", "difference": f"{row['difference']:+.4f}",
+             "win rate [95% CI]": f"{row['win_rate']:.3f} [{row['win_rate_ci'][0]:.3f}, "
+                                  f"{row['win_rate_ci'][1]:.3f}]"}
+            for row in result_rows(evaluate.summary.get("results", {}))]
+    reused = " (reused)" if evaluate.reused else ""
+    create_table_artifact(rows, key="smpo-results",
+                          description=f"Tuned against base, evaluate `{evaluate.key}`{reused}: "
+                                      f"[report]({link})")

@@ -6,8 +6,10 @@ Cheap to import (no Prefect, MLflow or torch): bad input is reported in a fracti
 
 from __future__ import annotations
 
+import json
 import socket
 import tempfile
+from collections.abc import Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from urllib.parse import urlparse
@@ -16,7 +18,7 @@ from smpo_core.environment import environment
 from smpo_core.errors import SmpoError
 from smpo_core.pickapic import describe_source, iter_source
 from smpo_core.refs import CHECKPOINT_SUFFIXES, is_hub_file, looks_local
-from smpo_core.settings import Settings, check_stages, load_settings, with_upstream
+from smpo_core.settings import STAGES, Settings, check_stages, load_settings, with_upstream
 from smpo_core.store import Store, disk_error
 from smpo_core.worlds import builtins
 
@@ -33,9 +35,10 @@ class RunPlan:
 
 
 def plan_run(stages: list[str] | None, profile: str, overrides: list[str] | None,
-             store: str | None, force: list[str] | None) -> RunPlan:
+             store: str | None, force: list[str] | None, build: bool = True) -> RunPlan:
     """The checked plan of a run, or an SmpoError naming the bad input. Writes nothing but
-    what a builtin source needs to be read."""
+    what a builtin source needs to be read; with `build=False` (a dry run) not that either,
+    and builtin inputs go unchecked."""
     settings = load_settings(profile, overrides or [])
     plan = with_upstream(stages)
     forced = frozenset(check_stages(force or [], "--force"))
@@ -45,7 +48,7 @@ def plan_run(stages: list[str] | None, profile: str, overrides: list[str] | None
     check_writable(root)
     uri = tracking_uri(root)
     check_reachable(uri)
-    preflight(settings, root, plan)
+    preflight(settings, root, plan, build)
     return RunPlan(settings, plan, forced, root, uri)
 
 
@@ -62,6 +65,18 @@ def check_writable(root: Path) -> None:
         raise disk_error(exc, f"store {root}", existing) or SmpoError(
             f"store {root}: cannot write there ({exc.strerror or exc}); choose another "
             f"--store") from None
+def run_name(profile: str, stages: Sequence[str] | None = None,
+             overrides: Sequence[str] | None = None, force: Sequence[str] | None = None) -> str:
+    """What sets a run apart, as the name of its MLflow parent run and Prefect flow run:
+    the profile, the stages asked for (none: all), the overrides and forced stages, e.g.
+    `sd15 train.beta=5000` or `tiny train,evaluate train.lora_rank=4 --force train`."""
+    parts = [Path(profile).stem if profile.endswith((".yaml", ".yml")) else profile]
+    if stages:
+        parts.append(",".join(stages))
+    parts += list(overrides or [])
+    if force:
+        parts.append(f"--force {','.join(force)}")
+    return " ".join(parts)
 
 
 def tracking_uri(store_root: Path) -> str:
@@ -86,7 +101,7 @@ def check_reachable(uri: str, timeout: float = 3.0) -> None:
         ) from None
 
 
-def preflight(settings: Settings, store: Path, plan: list[str]) -> None:
+def preflight(settings: Settings, store: Path, plan: list[str], build: bool = True) -> None:
     """Check local inputs before any stage runs, so bad input fails with nothing written:
     that local model and checkpoint paths exist, and the first rows of a local Pick-a-Pic
     source (column names and types)."""
@@ -107,11 +122,68 @@ def preflight(settings: Settings, store: Path, plan: list[str]) -> None:
         if ref.endswith(CHECKPOINT_SUFFIXES) and not is_hub_file(ref):
             raise SmpoError(f"{name} {ref!r}: no such file; download the published checkpoint "
                             f"and give its path (or owner/repo/file on the hub)")
-    if "evaluate" in plan:
+    if "evaluate" in plan and (build or not builtins.is_builtin(settings.evaluate.prompts)):
         from stages.evaluate import check_inputs  # brings torch: only when evaluate runs
 
         check_inputs(settings, store)
-    if "download" in plan:
+    if "download" in plan and (build or not builtins.is_builtin(settings.download.source)):
         source = builtins.resolve(settings.download.source, store)
         if describe_source(source) != "hub":
             next(iter(iter_source(source, settings.download.split)), None)
+
+
+@dataclass(frozen=True)
+class PlannedStage:
+    """What a run would do with one stage, and why."""
+
+    stage: str
+    key: str
+    reuse: bool
+    reason: str
+    path: Path
+
+
+def dry_run(plan: RunPlan) -> list[PlannedStage]:
+    """Which stages of a checked plan would be reused and which would run, and why; reads
+    the store, writes nothing."""
+    from stages.common import settings_for_key, stage_key_for  # brings Prefect and MLflow
+
+    store, settings = Store(plan.store), plan.settings
+    keys: dict[str, str] = {}
+    planned = []
+    for stage in plan.stages:
+        inputs = {name: keys[name] for name in STAGES[stage].upstream}
+        key = keys[stage] = stage_key_for(settings, stage, inputs)
+        path = store.stage_dir(stage, key)
+        if stage in plan.forced:
+            reuse, reason = False, "--force: recomputed under the same key"
+        elif store.is_complete(stage, key):
+            reuse, reason = True, "its output for these settings and inputs exists"
+        elif path.is_dir():
+            reuse, reason = False, "an interrupted run of it left this folder: resumes it"
+        else:
+            reuse = False
+            reason = _why_new(store.outputs(stage), settings_for_key(settings, stage), inputs,
+                              STAGES[stage].version)
+        planned.append(PlannedStage(stage, key, reuse, reason, path))
+    return planned
+
+
+def _why_new(outputs: list[tuple[Path, dict]], settings: dict, inputs: dict[str, str],
+             version: str) -> str:
+    """Why no existing output fits: what differs from the stage's latest output."""
+    from stages.tracking import flatten
+
+    if not outputs:
+        return "no output of this stage in the store yet"
+    folder, latest = outputs[-1]
+    now = flatten(json.loads(json.dumps(settings, default=str)))
+    then = flatten(latest.get("settings", {}))
+    changed = [f"{k} {then.get(k, '(unset)')!r} -> {now.get(k, '(unset)')!r}"
+               for k in sorted(set(now) | set(then)) if now.get(k) != then.get(k)]
+    changed += [f"new {name} output {key}" for name, key in inputs.items()
+                if latest.get("inputs", {}).get(name) != key]
+    if latest.get("version") != version:
+        changed.append(f"stage version {latest.get('version')} -> {version}")
+    return f"changed since {folder.name}: {'; '.join(changed) or 'no output with this key'}"
+

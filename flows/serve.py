@@ -358,6 +358,7 @@ def start(cfg: Config) -> None:
         if "worker" in started:
             wait_until(cfg, "worker", worker, lambda: _worker_polling(cfg, worker_since),
                        "polling")
+        runs_table = _runs_table(cfg)
     except BaseException:
         for name in reversed(started):
             if proc := running(cfg, name):
@@ -373,15 +374,30 @@ def start(cfg: Config) -> None:
               f"(pid {running(cfg, name).pid})")
     print(f"{'deployments':<15} {'already registered' if registered else 'registered'} "
           f"from {_shown(spec)}")
-    _print_next_steps(cfg)
+    _print_next_steps(cfg, runs_table)
 
 
-def _print_next_steps(cfg: Config) -> None:
+def _runs_table(cfg: Config) -> str:
+    """The experiment's runs table on the served MLflow (the experiment is made here if it
+    is new, as the pipeline would make it, so that the link works before the first run)."""
+    from mlflow.tracking import MlflowClient
+
+    from stages.tracking import experiment_id, runs_table_url
+
+    try:
+        experiment = experiment_id(MlflowClient(cfg.mlflow_url), cfg.mlflow_url, cfg.store)
+    except Exception as exc:  # a link is no reason to stop what runs
+        print(f"(no link to the runs table: {exc})", file=sys.stderr)
+        return cfg.mlflow_url
+    return runs_table_url(cfg.mlflow_url, experiment)
+
+
+def _print_next_steps(cfg: Config, runs_table: str) -> None:
     prefect = _shown(BIN / "prefect")
     print(f"""
 Store         {cfg.store}
 Prefect UI    {cfg.prefect_url}
-MLflow UI     {cfg.mlflow_url}
+MLflow UI     {cfg.mlflow_url}  (runs: {runs_table})
 Worker        pool {cfg.pool}; pids and logs in {cfg.run_dir}
 
 Run the pipeline on it:
@@ -398,6 +414,16 @@ def _shown(path: Path) -> str:
         return str(path.relative_to(Path.cwd()))
     except ValueError:
         return str(path)
+
+
+def served(store: Path) -> dict | None:
+    """What `make serve` serves for this store (ports, pool) while its Prefect server runs,
+    else None: `smpo run` then sends its flow runs there."""
+    state = _state(Config(Path(store).expanduser().resolve(), 0, 0, DEFAULT_POOL))
+    if not state:
+        return None
+    cfg = Config(Path(state["store"]), state["prefect_port"], state["mlflow_port"], state["pool"])
+    return state if running(cfg, "prefect-server") else None
 
 
 def deploy(cfg: Config) -> None:

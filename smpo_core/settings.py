@@ -15,6 +15,7 @@ STAGES is the stage graph: the flow, the `smpo` command, the Prefect deployments
 
 from __future__ import annotations
 
+import difflib
 import functools
 import typing
 from collections.abc import Sequence
@@ -371,8 +372,15 @@ def check_stages(names: Sequence[str], what: str = "stage") -> list[str]:
     """The names, each a registered stage, or an SmpoError naming the first that is not."""
     for name in names:
         if name not in STAGES:
-            raise SmpoError(f"{what} {name!r}: unknown; expected some of {', '.join(STAGES)}")
+            raise SmpoError(f"{what} {name!r}: unknown{did_you_mean(name, STAGES)}; expected "
+                            f"some of {', '.join(STAGES)}")
     return list(names)
+
+
+def did_you_mean(given: str, known: Sequence[str]) -> str:
+    """`' (did you mean 'train.beta'?)'` for the known name closest to a mistyped one, or ''."""
+    close = difflib.get_close_matches(given, list(known), n=1, cutoff=0.6)
+    return f" (did you mean {close[0]!r}?)" if close else ""
 
 
 def with_upstream(stages: Sequence[str] | None) -> list[str]:
@@ -455,7 +463,8 @@ def profile_path(profile: str) -> Path:
         path = environment().configs / f"{profile}.yaml"
     if not path.is_file():
         raise SmpoError(
-            f"profile {profile!r}: no such profile; expected one of "
+            f"profile {profile!r}: no such profile{did_you_mean(profile, available_profiles())};"
+            f" expected one of "
             f"{', '.join(available_profiles())} or a path to a YAML file"
         )
     return path
@@ -483,7 +492,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     path = key.split(".")
     if ".".join(path[:2]) not in setting_keys() or "" in path:
         raise SmpoError(
-            f"override {text!r}: unknown setting {'.'.join(path[:2])!r}; "
+            f"override {text!r}: unknown setting {'.'.join(path[:2])!r}"
+            f"{did_you_mean('.'.join(path[:2]), setting_keys())}; "
             f"run `smpo settings` to list them (e.g. {', '.join(setting_keys()[:4])}, ...)"
         )
     if len(path) > 2 and not _is_mapping(path[0], path[1]):

@@ -136,6 +136,12 @@ class Store:
     def is_complete(self, stage: str, key: str) -> bool:
         return (self.stage_dir(stage, key) / MANIFEST).is_file()
 
+    def outputs(self, stage: str) -> list[tuple[Path, dict[str, Any]]]:
+        """The stage's complete outputs and their manifests, oldest first."""
+        found = [(folder, manifest) for folder in sorted((self.root / stage).glob("*"))
+                 if folder.is_dir() and (manifest := read_manifest(folder)) is not None]
+        return sorted(found, key=lambda item: (item[1].get("finished_at", ""), str(item[0])))
+
     def clear(self, stage: str, key: str) -> None:
         """Forget a stage output (for --force): the manifest goes first, so a crash mid-way
         leaves an incomplete folder, never a complete-looking partial one."""

@@ -7,6 +7,7 @@ from __future__ import annotations
 import contextlib
 import importlib
 import logging
+import os
 import sys
 import time
 from collections.abc import Callable
@@ -17,6 +18,7 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import Task, task
 from prefect.cache_policies import NO_CACHE
+from prefect.states import Completed, State
 from tqdm import tqdm
 
 from smpo_core.settings import STAGES, Settings, shared_sections
@@ -53,6 +55,7 @@ class StageResult:
     reused: bool
     seconds: float
     summary: dict[str, Any] = field(default_factory=dict)
+    run_id: str = ""  # the stage's MLflow run
 
     def as_dict(self) -> dict[str, Any]:
         return asdict(self)
@@ -69,33 +72,89 @@ def logger() -> logging.Logger | logging.LoggerAdapter:
 
 
 class Progress:
-    """A terminal progress bar plus a Prefect progress artifact, updated at most every 2 s."""
+    """How far a stage is, on one channel at a time: a terminal bar when a person watches
+    stderr, else a log line at every tenth (the worker's log, a captured run). A Prefect
+    progress artifact moves at every quarter. Both at most every 15 s, and at the end: each
+    line and each move is an event `prefect deployment run --watch` prints."""
+
+    LOG_EVERY = 10  # percent between log lines when no terminal bar is shown
+    ARTIFACT_EVERY = 25  # percent between moves of the Prefect progress artifact
+    MIN_SECONDS = 15.0  # between two lines, and between two moves, before the end
+    UNSIZED_LOG_SECONDS = 30.0  # unknown totals: a "N done" line this often
 
     def __init__(self, stage: str, total: int | None, unit: str):
         self.stage, self.total, self.done = stage, total or None, 0
         self.bar = tqdm(total=self.total, desc=stage, unit=unit, file=sys.stderr, leave=False,
-                        dynamic_ncols=True)
+                        dynamic_ncols=True) if _terminal() else None
         self._artifact = _progress_artifact(stage)
-        self._last = 0.0
+        started = time.monotonic()
+        # (the last tenth logged, when) and (the last quarter shown, when)
+        self._logged, self._shown = [0, started], [0, started]
 
     def update(self, amount: int = 1) -> None:
         self.done += amount
-        self.bar.update(amount)
+        if self.bar is not None:
+            self.bar.update(amount)
         now = time.monotonic()
-        finished = self.total is not None and self.done >= self.total
-        if now - self._last < 2.0 and not finished:
-            return
-        self._last = now
         if self.total is None:  # unknown length: say how far, not what fraction
-            logger().info("%s: %d done", self.stage, self.done)
+            if self.bar is None and now - self._logged[1] >= self.UNSIZED_LOG_SECONDS:
+                self._logged[1] = now
+                logger().info("%s: %d done", self.stage, self.done)
             return
         percent = min(100.0, 100.0 * self.done / self.total)
-        if self._artifact:
+        if self._artifact and self._due(self._shown, percent, self.ARTIFACT_EVERY, now):
             _update_progress(self._artifact, percent)
-        logger().info("%s: %d/%d (%.0f%%)", self.stage, self.done, self.total, percent)
+        if self.bar is None and self._due(self._logged, percent, self.LOG_EVERY, now):
+            logger().info("%s: %d/%d (%.0f%%)", self.stage, self.done, self.total, percent)
+
+    def _due(self, last: list, percent: float, every: int, now: float) -> bool:
+        """A new step of `every` percent is reached, and it is the end or MIN_SECONDS have
+        passed since the last; records it."""
+        step = int(percent // every)
+        if step <= last[0] or (percent < 100.0 and now - last[1] < self.MIN_SECONDS):
+            return False
+        last[:] = [step, now]
+        return True
 
     def close(self) -> None:
-        self.bar.close()
+        if self.bar is not None:
+            self.bar.close()
+
+
+def _terminal() -> bool:
+    """A person watches stderr (not a worker's log file or a test's capture)."""
+    try:
+        return sys.stderr.isatty()
+    except (AttributeError, ValueError):  # replaced or closed stream
+        return False
+
+
+class _DropNotices(logging.Filter):
+    """Drops library notices that say nothing to a user of smpo."""
+
+    def __init__(self, *fragments: str):
+        super().__init__()
+        self.fragments = fragments
+
+    def filter(self, record: logging.LogRecord) -> bool:
+        return not any(fragment in record.getMessage() for fragment in self.fragments)
+
+
+def quiet_libraries() -> None:
+    """Silence the libraries' loading and download bars and known notices: each stage reports
+    its own progress, on one channel (Progress)."""
+    from diffusers.utils import logging as diffusers_logging
+    from transformers.utils import logging as transformers_logging
+
+    diffusers_logging.disable_progress_bar()
+    transformers_logging.disable_progress_bar()
+    os.environ["MLFLOW_ENABLE_ARTIFACTS_PROGRESS_BAR"] = "false"
+    logging.getLogger("mlflow.store.db.utils").setLevel(logging.WARNING)
+    # Without torchvision (PLATFORM.md) transformers falls back to the PIL image processors,
+    # the ones the reward models were checked against: nothing to act on.
+    notices = logging.getLogger("transformers.utils.import_utils")
+    if not any(isinstance(f, _DropNotices) for f in notices.filters):
+        notices.addFilter(_DropNotices("requires torchvision (not installed)"))
 
 
 def in_prefect_run() -> bool:
@@ -159,6 +218,25 @@ def settings_for_key(settings: Settings, stage: str) -> dict[str, Any]:
     return key | settings.section(stage).borrowed_settings(settings)
 
 
+def lineage(stage: str) -> list[str]:
+    """The stage and every stage upstream of it, in registry order."""
+    needed = {stage}
+    for name in reversed(STAGES):
+        if name in needed:
+            needed.update(STAGES[name].upstream)
+    return [name for name in STAGES if name in needed]
+
+
+def tracked_settings(settings: Settings, stage: str) -> dict[str, Any]:
+    """A stage run's params: the result settings of it and of every stage upstream (they
+    all determine its output, so evaluate runs of two betas differ in `train.beta`), and
+    its own runtime settings."""
+    tracked: dict[str, Any] = {}
+    for name in lineage(stage):
+        tracked |= settings_for_key(settings, name)
+    return tracked | {stage: settings.section(stage).model_dump(mode="json")}
+
+
 def stage_key_for(settings: Settings, stage: str, input_keys: dict[str, str]) -> str:
     """The key of a stage's output: its result settings, its inputs' keys, its version."""
     return stage_key(stage, settings_for_key(settings, stage), input_keys,
@@ -209,8 +287,7 @@ def _run_locked(ctx: RunContext, stage: str, key: str, inputs: dict[str, StageRe
     tags = {"smpo.stage": stage, "smpo.key": key, "smpo.reused": str(reused).lower(),
             "smpo.output": str(out_dir), "smpo.profile": ctx.settings.profile}
     with tracking.run(client, ctx.experiment_id, stage, tags, ctx.parent_run_id) as tracker:
-        tracker.params(settings_for_key(ctx.settings, stage)
-                       | {stage: ctx.settings.section(stage).model_dump()})
+        tracker.params(tracked_settings(ctx.settings, stage))
         if reused:
             logger().info("%s: reusing %s", stage, out_dir)
             manifest = read_manifest(out_dir)
@@ -233,15 +310,15 @@ def _run_locked(ctx: RunContext, stage: str, key: str, inputs: dict[str, StageRe
             store.complete(stage, key, manifest)
             for path in run.artifacts:
                 tracker.artifact(path)
-        tracker.metrics({f"manifest.{k}": v for k, v in tracking.flatten(
-            {k: v for k, v in manifest.items() if k != "settings"}).items()})
+        # The manifest is a record, not a measurement: an artifact, never metrics.
         tracker.artifact(out_dir / MANIFEST)
     if tracker.lost:  # the work is done and kept; its tracking is logged later
         resync.record(store.root, "stage", ctx.flow_id, {
             "stage": stage, "path": str(out_dir), "tags": tags,
             "parent_run_id": ctx.parent_run_id})
     return StageResult(stage, key, str(out_dir), reused, 0.0,
-                       {k: v for k, v in manifest.items() if k not in ("settings", "inputs")})
+                       {k: v for k, v in manifest.items() if k not in ("settings", "inputs")},
+                       tracker.run_id)
 
 
 def _remove_if_empty(folder: Path) -> None:
@@ -258,7 +335,9 @@ def _summary_artifact(result: StageResult) -> None:
 
         lines = [f"### {result.stage} ({'reused' if result.reused else 'ran'})",
                  f"`{result.path}`", "", "| field | value |", "|---|---|"]
-        for name, value in tracking.flatten(result.summary).items():
+        # Evaluation results have a table artifact of their own (flows/pipeline.py).
+        shown = {k: v for k, v in result.summary.items() if k != "results"}
+        for name, value in tracking.flatten(shown).items():
             lines.append(f"| {name} | {value} |")
         create_markdown_artifact("\n".join(lines), key=f"{result.stage}-summary",
                                  description=f"{result.stage} manifest")
@@ -266,7 +345,13 @@ def _summary_artifact(result: StageResult) -> None:
         logging.getLogger("smpo").debug("summary artifact skipped: %s", exc)
 
 
+def stage_result(outcome: StageResult | State) -> StageResult:
+    """What a stage task returned: its StageResult, which a reused stage's state carries."""
+    return outcome.result() if isinstance(outcome, State) else outcome
+
+
 _TASKS: dict[tuple[str, str], Task] = {}
+REUSED = "Reused"  # the state name of a stage task whose output existed
 
 
 def stage_task(name: str) -> Task:
@@ -278,8 +363,11 @@ def stage_task(name: str) -> Task:
 
         def run(ctx: RunContext, inputs: dict[str, StageResult] | None = None,
                 force: bool = False) -> StageResult:
-            return run_stage(ctx, name, inputs or {}, module.compute, force,
-                             getattr(module, "key_inputs", None))
+            result = run_stage(ctx, name, inputs or {}, module.compute, force,
+                               getattr(module, "key_inputs", None))
+            # A reused stage ends in a Completed state named "Reused": the Prefect UI then
+            # tells it from a stage that ran.
+            return Completed(name=REUSED, data=result) if result.reused else result
 
         # Prefect keys a task by its function's name: one per stage.
         run.__name__ = run.__qualname__ = f"{name}_stage"

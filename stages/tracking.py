@@ -13,6 +13,7 @@ from __future__ import annotations
 import logging
 import os
 import time
+import warnings
 from collections.abc import Callable
 from contextlib import contextmanager
 from pathlib import Path
@@ -61,7 +62,8 @@ class Tracker:
     def lost(self) -> bool:
         return self.run_id is None or tracking_lost(self.client.tracking_uri) is not None
 
-    def _call(self, log: Callable[[], Any]) -> None:
+    def call(self, log: Callable[[], Any]) -> None:
+        """Run one logging call; a failure warns once and stops tracking, never the work."""
         if self.lost:
             return
         try:
@@ -72,7 +74,7 @@ class Tracker:
     def params(self, params: dict[str, Any]) -> None:
         items = [Param(k, str(v)[:6000]) for k, v in flatten(params).items()]
         for start in range(0, len(items), 100):
-            self._call(lambda s=start: self.client.log_batch(self.run_id,
+            self.call(lambda s=start: self.client.log_batch(self.run_id,
                                                              params=items[s:s + 100]))
 
     def metrics(self, values: dict[str, float], step: int = 0) -> None:
@@ -80,21 +82,21 @@ class Tracker:
         items = [Metric(k, float(v), now, step) for k, v in values.items()
                  if isinstance(v, int | float) and not isinstance(v, bool)]
         if items:
-            self._call(lambda: self.client.log_batch(self.run_id, metrics=items))
+            self.call(lambda: self.client.log_batch(self.run_id, metrics=items))
 
     def tags(self, tags: dict[str, Any]) -> None:
-        self._call(lambda: self.client.log_batch(
+        self.call(lambda: self.client.log_batch(
             self.run_id, tags=[RunTag(k, str(v)) for k, v in tags.items()]))
 
     def artifact(self, path: Path, folder: str | None = None) -> None:
         path = Path(path)
         if path.is_dir():
-            self._call(lambda: self.client.log_artifacts(self.run_id, str(path), folder))
+            self.call(lambda: self.client.log_artifacts(self.run_id, str(path), folder))
         elif path.is_file():
-            self._call(lambda: self.client.log_artifact(self.run_id, str(path), folder))
+            self.call(lambda: self.client.log_artifact(self.run_id, str(path), folder))
 
     def terminate(self, status: str) -> None:
-        self._call(lambda: self.client.set_terminated(self.run_id, status))
+        self.call(lambda: self.client.set_terminated(self.run_id, status))
 
 
 def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
@@ -108,16 +110,24 @@ def flatten(data: dict[str, Any], prefix: str = "") -> dict[str, Any]:
     return out
 
 
+# MLflow 3 opens an experiment on its GenAI overview unless this tag says it holds model
+# training runs; then it opens on the runs table.
+EXPERIMENT_KIND = {"mlflow.experimentKind": "custom_model_development"}
+
+
 def experiment_id(client: MlflowClient, uri: str, store_root: Path) -> str:
-    """The experiment's id, created on first use."""
+    """The experiment's id, created on first use, marked as one of model training."""
     name = environment().experiment
     found = client.get_experiment_by_name(name)
     if found:
+        if found.tags.get("mlflow.experimentKind") is None:  # created by an older smpo
+            for key, value in EXPERIMENT_KIND.items():
+                client.set_experiment_tag(found.experiment_id, key, value)
         return found.experiment_id
     # A remote server decides where artifacts live; a local store keeps them beside the data.
     location = None if uri.startswith(("http://", "https://")) else Store(store_root).artifacts_uri
     try:
-        return client.create_experiment(name, artifact_location=location)
+        return client.create_experiment(name, artifact_location=location, tags=EXPERIMENT_KIND)
     except Exception:  # created concurrently by another process: read it back
         found = client.get_experiment_by_name(name)
         if not found:
@@ -133,6 +143,60 @@ def process_tag() -> str:
     import psutil
 
     return f"{socket.gethostname()}:{os.getpid()}:{psutil.Process().create_time():.2f}"
+def runs_table_url(server: str, experiment: str) -> str:
+    """The experiment's runs table on an MLflow server, in the UI's model-training view
+    (without `workflowType` MLflow 3.17 opens its GenAI overview, whatever the kind tag)."""
+    return f"{server.rstrip('/')}/#/experiments/{experiment}/runs?workflowType=machine_learning"
+
+
+def training_metrics(metrics: dict[str, float]) -> dict[str, float]:
+    """A training step's metrics as MLflow names them: `train.loss`, and `train.stats.<name>`
+    for the others, so that the run page, which orders its charts by name, shows the loss
+    curve first."""
+    return {f"train.{name}" if name == "loss" else f"train.stats.{name}": value
+            for name, value in metrics.items()}
+
+
+MODEL_CODE = Path(__file__).with_name("mlflow_model.py")
+
+
+def log_tuned_model(tracker: Tracker, weights: Path, kind: str, base: dict[str, Any]) -> str:
+    """A train stage's weights (`kind`: unet or lora) as an MLflow logged model of its run,
+    a pyfunc whose code is stages/mlflow_model.py and which loads as a diffusers pipeline
+    on `base` (base, revision, vae). Returns its `models:/` URI."""
+    import importlib.metadata
+
+    import mlflow
+    from mlflow.models import Model, ModelSignature
+    from mlflow.types import ColSpec, ParamSchema, ParamSpec, Schema
+
+    signature = ModelSignature(
+        inputs=Schema([ColSpec("string", "prompt")]),
+        params=ParamSchema([ParamSpec("num_inference_steps", "long", 25),
+                            ParamSpec("guidance_scale", "double", 7.5),
+                            ParamSpec("seed", "long", 0)]))
+    requirements = [f"{name}=={importlib.metadata.version(name)}"
+                    for name in ("mlflow", "torch", "diffusers", "transformers", "peft")]
+    # Made here, in the run's experiment: Model.log would put it in the fluent API's active
+    # experiment (Default, with artifacts in ./mlruns).
+    client = tracker.client
+    experiment = client.get_run(tracker.run_id).info.experiment_id
+    model = client.create_logged_model(experiment, name=f"tuned-{kind}",
+                                       source_run_id=tracker.run_id, model_type="diffusers",
+                                       tags={"smpo.weights": kind})
+    # Model.log reads the tracking URI from MLflow's global setting, not from our client.
+    mlflow.set_tracking_uri(client.tracking_uri)
+    with warnings.catch_warnings():  # an input example would mean drawing images at log time
+        warnings.filterwarnings("ignore", message=".*input example was not provided")
+        info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=tracker.run_id,
+                         model_id=model.model_id, python_model=str(MODEL_CODE),
+                         artifacts={"weights": str(weights)},
+                         model_config={"pipeline": {"weights_kind": kind} | {
+                             k: v for k, v in base.items() if v is not None}},
+                         signature=signature, pip_requirements=requirements)
+    client.finalize_logged_model(model.model_id, "READY")
+    tracker.tags({"smpo.model_uri": info.model_uri})
+    return info.model_uri
 
 
 @contextmanager

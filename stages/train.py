@@ -32,6 +32,7 @@ from smpo_core.report import training_curves
 from smpo_core.settings import Settings
 from stages.common import StageRun
 from stages.score import LABELS
+from stages.tracking import log_tuned_model, training_metrics
 
 LAUNCH_SPEC = "launch.json"  # what the launched processes train: settings and folders
 LAUNCH_RESULT = "launch-result.json"  # the main process's summary, read back by the stage
@@ -56,7 +57,7 @@ def compute(run: StageRun) -> dict[str, Any]:
     progress = run.progress(total=job.settings.train.max_steps, unit="steps")
 
     def on_metrics(step: int, metrics: dict[str, float]) -> None:
-        run.tracker.metrics({f"train.{k}": v for k, v in metrics.items()}, step=step)
+        run.tracker.metrics(training_metrics(metrics), step=step)
         progress.update(step - progress.done)
 
     if job.settings.train.num_processes > 1:
@@ -73,6 +74,11 @@ def compute(run: StageRun) -> dict[str, Any]:
                                              {k: [h.get(k, np.nan) for h in history]
                                               for k in keys}))
     run.artifacts.append(run.out_dir / HISTORY)
+    model = job.settings.model
+    # Tracking is a side channel: a lost server skips the logged model, never the weights.
+    run.tracker.call(lambda: log_tuned_model(
+        run.tracker, run.out_dir / summary["weights"], summary["weights"],
+        {"base": job.base, "revision": model.revision, "vae": run.ctx.resolve(model.vae)}))
     return summary
 
 

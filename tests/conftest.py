@@ -244,3 +244,13 @@ def full_run(served: Served) -> FullRun:
     assert run.returncode == 0, f"smpo/full did not complete:\n{run.output[-4000:]}"
     parent, stages = served.mlflow_runs(run.flow_run_id)
     return FullRun(run, parent, stages, served.experiment_id())
+
+
+@pytest.fixture(scope="session")
+def beta_run(served: Served, full_run: FullRun) -> FullRun:
+    """`prefect deployment run smpo/train` with train.beta=5000 after smpo/full: download,
+    score and invert reused, train and evaluate run."""
+    run = served.run_deployment("train", [*FAST, "train.beta=5000"])
+    assert run.returncode == 0, f"smpo/train did not complete:\n{run.output[-4000:]}"
+    parent, stages = served.mlflow_runs(run.flow_run_id)
+    return FullRun(run, parent, stages, served.experiment_id())

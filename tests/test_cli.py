@@ -12,12 +12,15 @@ from smpo_core.settings import describe, load_settings
 
 CASES = [
     (["--profile", "nope"], "profile 'nope': no such profile; expected one of"),
-    (["--set", "train.bta=1"], "unknown setting 'train.bta'"),
+    (["--profile", "sd51"], "profile 'sd51': no such profile (did you mean 'sd15'?)"),
+    (["--set", "train.bta=1"], "unknown setting 'train.bta' (did you mean 'train.beta'?)"),
     (["--set", "train.beta=abc"], "override 'train.beta=abc': setting train.beta:"),
     (["--set", "train.labels=maybe"], "train.labels: Input should be 'smoothed' or 'human'"),
     (["--set", "nokey"], "expected SECTION.KEY=VALUE"),
-    (["evaluat"], "stage 'evaluat': unknown; expected some of download, score"),
-    (["--force", "trian"], "--force 'trian': unknown; expected some of download, score"),
+    (["evaluat"], "stage 'evaluat': unknown (did you mean 'evaluate'?); expected some of "
+                  "download, score"),
+    (["--force", "trian"], "--force 'trian': unknown (did you mean 'train'?); expected some "
+                           "of download, score"),
     (["--set", "train.beta.x=1"], "train.beta is not a mapping, so it has no key 'x'"),
     (["--set", "train.batch_size=3"],
      "override 'train.batch_size=3': section train: train.effective_batch=8 is not a multiple "

@@ -266,7 +266,8 @@ def test_a_bad_source_fails_the_flow_run_with_its_message(served, failed_runs):
 @pytest.mark.integration
 def test_a_deployment_run_gets_the_checks_of_smpo_run(served, failed_runs):
     run = failed_runs["misspelt_force"]
-    _failed_with(served, run, "--force 'trian': unknown; expected some of download")
+    _failed_with(served, run, "--force 'trian': unknown (did you mean 'train'?); expected some "
+                 "of download")
     assert served.search_runs(f"tags.`prefect.flow_run_id` = '{run.flow_run_id}'") == []
 
 
@@ -319,3 +320,42 @@ def test_unreachable_mlflow_server_fails_before_any_stage(tmp_path):
 
 def _environ() -> dict[str, str]:
     return {k: v for k, v in os.environ.items() if not k.startswith(("MLFLOW_", "PREFECT_API"))}
+
+
+@pytest.mark.integration
+def test_prefect_names_runs_marks_reused_stages_and_shows_the_results(served: Served,
+                                                                      beta_run):
+    from flows.plan import run_name
+
+    flow_run_id = beta_run.run.flow_run_id
+    flow_run = served.prefect_api(f"/flow_runs/{flow_run_id}")
+    name = run_name("tiny", ["train", "evaluate"], [*FAST, "train.beta=5000"])
+    assert flow_run["name"] == name == tags(beta_run.parent)["mlflow.runName"]
+    task_runs = served.prefect_api("/task_runs/filter", {
+        "flow_runs": {"id": {"any_": [flow_run_id]}}})
+    states = {run["name"].rsplit("-", 1)[0]: run["state"] for run in task_runs}
+    assert {stage: state["name"] for stage, state in states.items()} == {
+        "download": "Reused", "score": "Reused", "invert": "Reused", "train": "Completed",
+        "evaluate": "Completed"}
+    assert {state["type"] for state in states.values()} == {"COMPLETED"}
+
+    # The results table: per metric base, tuned, difference and win rate, as evaluate wrote.
+    artifacts = served.prefect_api("/artifacts/filter", {
+        "artifacts": {"flow_run_id": {"any_": [flow_run_id]}}})
+    table = next(a for a in artifacts if a["key"] == "smpo-results")
+    assert table["type"] == "table"
+    rows = {row["metric"]: row for row in (json.loads(table["data"])
+                                           if isinstance(table["data"], str) else table["data"])}
+    evaluate = Path(tags(beta_run.stages["evaluate"])["smpo.output"])
+    summary = json.loads((evaluate / "summary.json").read_text())
+    assert set(rows) == set(summary["metrics"])
+    for kind, metric in summary["metrics"].items():
+        overall = metric["groups"]["all"]
+        assert rows[kind]["tuned"] == f"{overall['models']['tuned']['mean']:.4f}"
+        assert rows[kind]["win rate [95% CI]"].startswith(
+            f"{overall['vs_reference']['tuned']['win_rate']:.3f} [")
+    run_id = beta_run.stages["evaluate"]["info"]["run_id"]
+    assert f"/runs/{run_id}/artifacts/report.html)" in table["description"]
+    # --watch printed progress, not a flood of progress-artifact events: at most the end of
+    # each of the 7 progress bars (train; evaluate's drawing and five metrics) and quarters.
+    assert beta_run.run.output.count("prefect.artifact.updated") <= 7 * 4

@@ -383,8 +383,11 @@ def test_stage_writes_manifest_and_tracks_it(sources: dict, tmp_path: Path,
     experiment = client.get_experiment_by_name(environment().experiment).experiment_id
     [run] = client.search_runs([experiment], f"tags.`smpo.output` = '{result.path}'")
     assert run.info.status == "FINISHED" and run.data.tags["smpo.reused"] == "false"
-    assert run.data.metrics["manifest.pairs"] == expected["usable"]
-    assert run.data.metrics["manifest.dropped.tie"] == expected["ties"]
+    # The manifest is logged as an artifact (never as metrics).
+    logged = json.loads(Path(client.download_artifacts(run.info.run_id, "manifest.json"))
+                        .read_text())
+    assert logged["pairs"] == expected["usable"] and logged["dropped"]["tie"] == expected["ties"]
+    assert not [key for key in run.data.metrics if key.startswith("manifest.")]
     again = run_download_stage(str(tmp_path), str(sources["parquet"]), 100, tracking_uri)
     assert again.reused and again.summary["pairs"] == expected["usable"]
 

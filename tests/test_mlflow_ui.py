@@ -4,6 +4,7 @@ deployment run. Screenshots are kept in test-artifacts/."""
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 
 import pytest
@@ -60,3 +61,49 @@ def test_evaluate_run_shows_its_image_grid(served, full_run, browser):
     browser.wait_for(shown, f"grid.png ({width}x{height})", "mlflow-evaluate-grid.png")
     assert "grid.png" in browser.evaluate("document.body.innerText")
     browser.screenshot("mlflow-evaluate-grid.png")
+
+
+def test_runs_table_tells_two_betas_apart_by_name_param_diff_and_loss_curve(
+        served, full_run, beta_run, browser):
+    """The first question a practitioner asks: which setting gave which result."""
+    from stages.tracking import runs_table_url
+
+    experiment = full_run.experiment_id
+    browser.goto(runs_table_url(served.mlflow_url, experiment))
+    parents = {"2000.0": full_run.parent, "5000.0": beta_run.parent}
+    names = {}
+    for beta, parent in parents.items():
+        names[beta] = browser.wait_for(f"{_link(parent['info']['run_id'])}?.innerText",
+                                       f"the parent run of beta {beta}", "mlflow-betas.png")
+        assert names[beta] == tags(parent)["mlflow.runName"]
+    assert "train.beta=5000" in names["5000.0"] and "train.beta" not in names["2000.0"]
+    assert "workflowType=machine_learning" in browser.evaluate("location.href")
+    browser.screenshot("mlflow-betas.png")
+
+    # Compare the two parents with "Show diff only": train.beta is the differing param.
+    ids = json.dumps([parent["info"]["run_id"] for parent in parents.values()])
+    browser.goto(f"{served.mlflow_url}/#/compare-runs?runs={ids}&experiments="
+                 f"{json.dumps([experiment])}")
+    row = ("Array.from(document.querySelectorAll('th[scope=row]'))"
+           ".find(th => th.innerText === '{}')")
+    browser.wait_for(f"!!{row.format('train.learning_rate')}", "the parameters table",
+                     "mlflow-compare.png")
+    browser.evaluate("document.querySelector('[aria-label=\"Parameters - Show diff only\"]')"
+                     ".click()")
+    browser.wait_for(f"!{row.format('train.learning_rate')}", "only the differing params",
+                     "mlflow-compare-diff.png")
+    values = browser.evaluate(f"Array.from({row.format('train.beta')}.parentElement"
+                              ".querySelectorAll('td')).map(td => td.innerText)")
+    assert values == list(parents)
+    browser.screenshot("mlflow-compare-diff.png", full_page=True)
+
+    # The train run of beta 5000: its loss curve is the first chart.
+    train = beta_run.stages["train"]["info"]["run_id"]
+    browser.goto(f"{served.mlflow_url}/#/experiments/{experiment}/runs/{train}/model-metrics"
+                 f"?workflowType=machine_learning")
+    charts = ("(() => { const lines = document.body.innerText.split('\\n');"
+              " const at = lines.indexOf('Add chart');"
+              " return at >= 0 && lines.includes('train.loss') ? lines.slice(at + 1) : null })()")
+    shown = browser.wait_for(charts, "the train run's charts", "mlflow-train-charts.png")
+    assert shown[0] == "train.loss"
+    browser.screenshot("mlflow-train-charts.png")

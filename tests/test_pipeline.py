@@ -5,6 +5,9 @@ from __future__ import annotations
 import hashlib
 import io
 import json
+import os
+import subprocess
+import sys
 from pathlib import Path
 
 import numpy as np
@@ -20,6 +23,7 @@ from transformers import CLIPModel
 from smpo_core.settings import STAGES
 from smpo_core.worlds.builtins import TINY_PAIRS
 from smpo_core.worlds.tiny import expected_counts
+from tests.conftest import REPO
 
 pytestmark = pytest.mark.integration
 
@@ -360,3 +364,171 @@ def test_lora_training_writes_adapters_that_evaluate_loads(runs):
     assert summary["models"]["tuned"]["weights_kind"] == "lora"
     # The base drew these prompts with these seeds in the first run: nothing drawn again.
     assert summary["generation"]["drawn"] == {"base": 0, "tuned": 8}
+
+
+def _parent_runs(runs) -> tuple[MlflowClient, str, list]:
+    """The flow runs' MLflow parent runs, in the order the flows ran."""
+    client = MlflowClient(f"sqlite:///{runs['store'] / 'mlflow.db'}")
+    experiment = client.get_experiment_by_name("smpo")
+    parents = client.search_runs([experiment.experiment_id],
+                                 filter_string="tags.`smpo.profile` = 'tiny'",
+                                 order_by=["attributes.start_time ASC"])
+    return client, experiment, [r for r in parents if "mlflow.parentRunId" not in r.data.tags]
+
+
+def _stage_run(client, experiment, parent, stage):
+    found = client.search_runs([experiment.experiment_id], filter_string=(
+        f"tags.mlflow.parentRunId = '{parent.info.run_id}' and tags.`smpo.stage` = '{stage}'"))
+    assert len(found) == 1
+    return found[0]
+
+
+def test_mlflow_runs_say_which_setting_gave_which_result(runs):
+    client, experiment, parents = _parent_runs(runs)
+    assert experiment.tags["mlflow.experimentKind"] == "custom_model_development"
+    first, third = parents[0], parents[2]
+    # Named by what differs; every resolved setting a param, so a diff shows train.beta.
+    assert first.info.run_name == "tiny"
+    assert third.info.run_name == "tiny train.beta=3000"
+    assert parents[4].info.run_name == "tiny evaluate --force evaluate"
+    differ = {k for k in first.data.params if first.data.params[k] != third.data.params.get(k)}
+    assert differ == {"train.beta"}
+    assert first.data.params["evaluate.num_prompts"] == "8"
+    # The evaluate runs of two betas differ too: an evaluation's params include the settings
+    # of the training it evaluates.
+    evaluations = [_stage_run(client, experiment, p, "evaluate") for p in (first, third)]
+    assert [e.data.params["train.beta"] for e in evaluations] == ["2000.0", "3000.0"]
+    # Headline results on the parent, equal to what the stages wrote into the store.
+    folder = Path(runs["first"]["evaluate"]["path"])
+    summary = json.loads((folder / "summary.json").read_text())
+    history = json.loads((Path(runs["first"]["train"]["path"]) / "history.json").read_text())
+    metrics = first.data.metrics
+    assert metrics["train.final_loss"] == pytest.approx(history[-1]["loss"])
+    assert metrics["train.final_implicit_accuracy"] == pytest.approx(
+        history[-1]["implicit_accuracy"])
+    for kind, metric in summary["metrics"].items():
+        overall = metric["groups"]["all"]
+        assert metrics[f"eval.{kind}.tuned.mean"] == pytest.approx(
+            overall["models"]["tuned"]["mean"])
+        assert metrics[f"eval.{kind}.base.mean"] == pytest.approx(
+            overall["models"]["base"]["mean"])
+        assert metrics[f"eval.{kind}.tuned.win_rate"] == pytest.approx(
+            overall["vs_reference"]["tuned"]["win_rate"])
+    # Manifests are artifacts, never metrics; each evaluation score is logged once.
+    for parent in (first, third):
+        for stage in STAGES:
+            run = _stage_run(client, experiment, parent, stage)
+            assert not [k for k in run.data.metrics if k.startswith("manifest.")], stage
+            assert "manifest.json" in {a.path for a in client.list_artifacts(run.info.run_id)}
+
+
+@pytest.mark.parametrize("which", ["first", "lora"])
+def test_trained_weights_load_back_from_mlflow_into_a_diffusers_pipeline(runs, which):
+    import mlflow
+    import pandas as pd
+    from diffusers import StableDiffusionPipeline
+
+    client, experiment, parents = _parent_runs(runs)
+    parent = parents[0] if which == "first" else parents[-1]
+    train = _stage_run(client, experiment, parent, "train")
+    uri = train.data.tags["smpo.model_uri"]
+    logged = client.get_logged_model(uri.removeprefix("models:/"))
+    assert (logged.experiment_id, logged.source_run_id, str(logged.status)) == (
+        experiment.experiment_id, train.info.run_id, "READY")
+    assert logged.artifact_location.startswith((runs["store"] / "mlflow-artifacts").as_uri())
+    mlflow.set_tracking_uri(client.tracking_uri)
+    model = mlflow.pyfunc.load_model(uri)
+    pipe = model.unwrap_python_model().pipeline
+    assert isinstance(pipe, StableDiffusionPipeline)
+    folder = Path(runs[which]["train"]["path"])
+    if which == "first":
+        weights = load_file(folder / "unet" / "diffusion_pytorch_model.safetensors")
+        loaded = pipe.unet.state_dict()
+        assert all(torch.equal(loaded[k], v) for k, v in weights.items())
+    else:  # the adapters are loaded into the UNet, with the trained values
+        assert pipe.get_list_adapters()
+        adapters = load_file(folder / "lora" / "pytorch_lora_weights.safetensors")
+        name = next(k for k in adapters if "lora.up" in k and adapters[k].abs().sum() > 0)
+        loaded = {k: v for k, v in pipe.unet.state_dict().items() if "lora_B" in k}
+        assert any(torch.equal(v, adapters[name]) for v in loaded.values())
+    images = model.predict(pd.DataFrame({"prompt": ["a red square"]}),
+                           params={"num_inference_steps": 2, "seed": 3})
+    assert len(images) == 1 and images[0].shape == (32, 32, 3) and images[0].dtype == np.uint8
+
+
+def _smpo(*args: str, timeout: float = 600) -> subprocess.CompletedProcess:
+    env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    return subprocess.run([sys.executable, "-m", "flows.cli", *args], capture_output=True,
+                          text=True, timeout=timeout, env=env, cwd=REPO)
+
+
+def _snapshot(folder: Path) -> dict[str, float]:
+    return {str(p): p.stat().st_mtime for p in folder.rglob("*")}
+
+
+def test_dry_run_says_what_would_run_and_why_and_writes_nothing(runs):
+    store = runs["store"]
+    before = _snapshot(store)
+    done = _smpo("run", "--dry-run", "--store", str(store), "--set", "train.beta=5000",
+                 "--set", "train.lora_rank=4")
+    assert done.returncode == 0, done.stderr
+    assert _snapshot(store) == before
+    lines = {line.split()[0]: line for line in done.stdout.splitlines()
+             if line.split() and line.split()[0] in STAGES}
+    for stage in ("download", "score", "invert"):
+        assert lines[stage].split()[1:3] == ["reuse", runs["first"][stage]["key"]]
+    # Against the store's latest training (the LoRA run's, beta 2000): only beta differs.
+    assert lines["train"].split()[1] == "run"
+    assert f"changed since {runs['lora']['train']['key']}: train.beta 2000.0 -> 5000.0" \
+        in lines["train"]
+    new_train = lines["train"].split()[2]
+    assert lines["evaluate"].endswith(f"new train output {new_train}")
+    assert not (store / "train" / new_train).exists()
+
+
+def test_runs_lists_trainings_and_evaluations_with_settings_and_results(runs):
+    done = _smpo("runs", "--store", str(runs["store"]))
+    assert done.returncode == 0, done.stderr
+    rows = {line.split()[0]: line for line in done.stdout.splitlines() if line.split()}
+    for name, settings in (("first", "train.beta=2000.0 train.lora_rank=0"),
+                           ("third", "train.beta=3000.0 train.lora_rank=0"),
+                           ("lora", "train.beta=2000.0 train.lora_rank=4")):
+        train = _manifest(runs[name]["train"])
+        row = rows[runs[name]["train"]["key"]]
+        assert f"{train['final_loss']:.4f}" in row and row.endswith(settings)
+        evaluate = runs[name]["evaluate"]
+        summary = json.loads((Path(evaluate["path"]) / "summary.json").read_text())
+        pickscore = summary["metrics"]["pickscore"]["groups"]["all"]
+        lines = done.stdout.splitlines()
+        at = next(i for i, line in enumerate(lines) if line.startswith(evaluate["key"]))
+        assert runs[name]["train"]["key"] in lines[at] and lines[at].endswith(settings)
+        assert (f"pickscore {pickscore['models']['tuned']['mean']:.4g} vs "
+                f"{pickscore['models']['base']['mean']:.4g} "
+                f"(win {pickscore['vs_reference']['tuned']['win_rate']:.2f})") in lines[at + 1]
+
+
+def test_a_run_ends_with_its_results_and_where_its_outputs_are(runs):
+    store = runs["store"]
+    done = _smpo("run", "--store", str(store))
+    assert done.returncode == 0, done.stderr[-3000:]
+    out = done.stdout
+    evaluate = Path(runs["first"]["evaluate"]["path"])
+    summary = json.loads((evaluate / "summary.json").read_text())
+    table = out[out.index("metric "):].splitlines()
+    for kind, metric in summary["metrics"].items():
+        overall = metric["groups"]["all"]
+        paired = overall["vs_reference"]["tuned"]
+        row = next(line for line in table if line.startswith(f"{kind} ")).split()
+        assert row[1:4] == [f"{overall['models']['base']['mean']:.4f}",
+                            f"{overall['models']['tuned']['mean']:.4f}",
+                            f"{paired['diff_mean']:+.4f}"]
+        assert row[4] == f"{paired['win_rate']:.3f}"
+    paths = {line.split(":", 1)[0]: line.split(":", 1)[1].split()[0]
+             for line in out.splitlines() if line.startswith(("weights:", "report:", "image"))}
+    assert paths == {"weights": str(Path(runs["first"]["train"]["path"]) / "unet"),
+                     "report": str(evaluate / "report.html"),
+                     "image grid": str(evaluate / "grid.png")}
+    assert f"--backend-store-uri sqlite:///{store / 'mlflow.db'}" in out
+    # One progress channel: nothing loaded here, and no library bar or notice reached stderr.
+    for noise in ("Loading pipeline components", "Loading weights", "requires torchvision"):
+        assert noise not in done.stderr
