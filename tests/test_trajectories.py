@@ -2,8 +2,6 @@
 
 from __future__ import annotations
 
-import json
-
 import pytest
 import torch
 from safetensors import safe_open
@@ -11,7 +9,6 @@ from safetensors import safe_open
 from smpo_core.errors import SmpoError
 from smpo_core.models import PromptEmbeds
 from smpo_core.store import folder_size
-from smpo_core.training import load_train_state, make_optimizer, save_train_state
 from smpo_core.trajectories import (
     InvertedBatch,
     TrajectoryCache,
@@ -157,38 +154,3 @@ def test_cache_from_another_model_or_grid_is_refused(tmp_path):
     with pytest.raises(SmpoError, match=r"cache\.json missing"):
         TrajectoryCache(tmp_path / "nothing")
 
-
-def _train(model, optimizer, schedule, steps, start=0):
-    for step in range(start, steps):
-        x = torch.randn(8, 4, generator=torch.Generator().manual_seed(step))
-        loss = model(x).pow(2).mean()
-        loss.backward()
-        optimizer.step()
-        schedule.step()
-        optimizer.zero_grad()
-
-
-def _fresh():
-    torch.manual_seed(0)
-    model = torch.nn.Sequential(torch.nn.Linear(4, 8), torch.nn.Tanh(), torch.nn.Linear(8, 1))
-    optimizer = make_optimizer("adamw", model.parameters(), lr=1e-2, weight_decay=0.01)
-    schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, lambda s: min(1.0, (s + 1) / 3))
-    return model, optimizer, schedule
-
-
-def test_training_state_resumes_to_the_same_weights(tmp_path):
-    straight = _fresh()
-    _train(*straight, steps=6)
-
-    first = _fresh()
-    _train(*first, steps=3)
-    logged = [{"step": s, "loss": 1.0 / s, "implicit_accuracy": 0.25 * s} for s in (1, 2, 3)]
-    save_train_state(tmp_path / "state.pt", *first, step=3, history=logged)
-    resumed = _fresh()  # a new process: fresh objects, then the saved state
-    step, history = load_train_state(tmp_path / "state.pt", *resumed)
-    # The history comes back as the plain numbers history.json is written from.
-    assert (step, json.loads(json.dumps(history))) == (3, logged)
-    _train(*resumed, steps=6, start=step)
-    for a, b in zip(straight[0].parameters(), resumed[0].parameters(), strict=True):
-        assert torch.equal(a, b)
-    assert load_train_state(tmp_path / "missing.pt", *_fresh()) == (0, [])
