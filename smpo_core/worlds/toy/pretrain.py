@@ -52,8 +52,8 @@ def build_components(seed: int, width: int = 32) -> dict:
         torch.manual_seed(seed)
         text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer)))
         vae = AutoencoderKL(
-            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 2,
-            up_block_types=("UpDecoderBlock2D",) * 2, block_out_channels=(width, 2 * width),
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 32),
             layers_per_block=1, latent_channels=4, sample_size=scenes.IMAGE_SIZE,
             norm_num_groups=8)
         unet = UNet2DConditionModel(
@@ -88,8 +88,8 @@ def train_vae(vae, steps: int, batch: int, rng: random.Random,
         optimiser.zero_grad()
         loss.backward()
         optimiser.step()
-        if step % 50 == 0 or step == steps:
-            log(f"vae step {step}/{steps} loss {loss.item():.4f}")
+        if step % 25 == 0 or step == steps:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} {time.strftime('%H:%M:%S')}")
     vae.eval()
     with torch.no_grad():
         images, _ = scene_batch(rng, 64)
@@ -104,12 +104,15 @@ def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
 
 
 def train_unet(parts: dict, steps: int, batch: int, lr: float, rng: random.Random,
-               log: Callable[[str], None]) -> None:
+               log: Callable[[str], None], deadline: float | None = None) -> int:
+    """Denoising training of the UNet and text encoder; stops early at `deadline` (a
+    time.time() value). Warm-up, then a constant learning rate, so that N steps of a run cut
+    short equal a run of N steps. Returns the steps done."""
     unet, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
     params = list(unet.parameters()) + list(parts["text_encoder"].parameters())
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(
-        optimiser, lambda s: min(1.0, (s + 1) / 50) * (0.1 + 0.9 * (1 - s / steps)))
+        optimiser, lambda s: min(1.0, (s + 1) / 50))
     unet.train()
     parts["text_encoder"].train()
     scale = vae.config.scaling_factor
@@ -128,10 +131,14 @@ def train_unet(parts: dict, steps: int, batch: int, lr: float, rng: random.Rando
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         schedule.step()
-        if step % 50 == 0 or step == steps:
-            log(f"unet step {step}/{steps} loss {loss.item():.4f}")
+        if step % 25 == 0 or step == steps:
+            log(f"unet step {step}/{steps} loss {loss.item():.4f} {time.strftime('%H:%M:%S')}")
+        if deadline is not None and time.time() > deadline:
+            log(f"unet: time budget spent after step {step}")
+            break
     unet.eval()
     parts["text_encoder"].eval()
+    return step
 
 
 def recognisable(pipeline, captions: list[str], seed: int = 0,
@@ -159,8 +166,10 @@ def sha256(path: Path) -> str:
 
 def pretrain(out_dir: Path, vae_steps: int = 300, unet_steps: int = 1000, batch: int = 32,
              lr: float = 2e-3, seed: int = 0, width: int = 32, command: str = "",
-             log: Callable[[str], None] = print) -> dict:
-    """Pretrain and save the toy pipeline into `out_dir` (atomically); returns its record."""
+             log: Callable[[str], None] = print, max_minutes: float | None = None) -> dict:
+    """Pretrain and save the toy pipeline into `out_dir` (atomically); returns its record.
+    `max_minutes` caps the whole training: the UNet phase stops early, and the record says
+    after how many steps (rerun with that many to reproduce it)."""
     from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(seed)
@@ -171,7 +180,8 @@ def pretrain(out_dir: Path, vae_steps: int = 300, unet_steps: int = 1000, batch:
         scaling_factor=train_vae(parts["vae"], vae_steps, batch, rng, log))
     vae_seconds = time.time() - started
     parts["vae"].requires_grad_(False)
-    train_unet(parts, unet_steps, batch, lr, rng, log)
+    deadline = started + 60 * max_minutes if max_minutes else None
+    unet_steps = train_unet(parts, unet_steps, batch, lr, rng, log, deadline)
     pipeline = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
@@ -203,6 +213,8 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--lr", type=float, default=2e-3)
     parser.add_argument("--width", type=int, default=32, help="UNet / VAE base channels")
     parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop the UNet phase when training has taken this long")
     parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on "
                         "a shared machine: more threads only spin against each other)")
     args = parser.parse_args(argv)
@@ -211,7 +223,8 @@ def main(argv: list[str] | None = None) -> None:
     command = "python -m smpo_core.worlds.toy.pretrain " + " ".join(
         sys.argv[1:] if argv is None else argv)
     pretrain(args.out_dir, args.vae_steps, args.unet_steps, args.batch, args.lr, args.seed,
-             args.width, command, log=lambda line: print(line, flush=True))
+             args.width, command, log=lambda line: print(line, flush=True),
+             max_minutes=args.max_minutes)
 
 
 if __name__ == "__main__":

@@ -10,8 +10,12 @@ It is an imperfect estimate of the population's taste: `pair_accuracy` says how 
 
 from __future__ import annotations
 
+import argparse
+import hashlib
 import io
+import json
 import random
+import sys
 from collections.abc import Callable
 from pathlib import Path
 
@@ -19,7 +23,7 @@ import numpy as np
 import pyarrow.parquet as pq
 import torch
 import torch.nn.functional as F
-from PIL import Image
+from PIL import Image, ImageFilter
 
 from smpo_core.store import atomic_dir
 from smpo_core.worlds.toy import scenes
@@ -38,8 +42,8 @@ def build_clip(seed: int):
 
     tokenizer = build_clip_tokenizer(scenes.caption_words())
     size = scenes.IMAGE_SIZE
-    vision = {"hidden_size": 64, "intermediate_size": 128, "num_hidden_layers": 3,
-              "num_attention_heads": 4, "image_size": size, "patch_size": 4}
+    vision = {"hidden_size": 48, "intermediate_size": 96, "num_hidden_layers": 2,
+              "num_attention_heads": 4, "image_size": size, "patch_size": 8}
     config = CLIPConfig(text_config=_text_config(tokenizer), vision_config=vision,
                         projection_dim=32, logit_scale_init_value=np.log(100.0))
     with torch.random.fork_rng(devices=[]):
@@ -58,7 +62,9 @@ def _drawn_pair(rng: random.Random) -> tuple[str, Image.Image, Image.Image]:
 
     def one() -> Image.Image:
         other = rng.choice(scenes.all_captions()) if rng.random() < OFF_CAPTION_PROB else text
-        return scenes.draw(scenes.random_scene(rng, other))
+        # Blurred at random: a generator's samples are softer than the drawings.
+        return scenes.draw(scenes.random_scene(rng, other)).filter(
+            ImageFilter.GaussianBlur(rng.uniform(0.0, 1.0)))
 
     return text, one(), one()
 
@@ -141,7 +147,7 @@ def train_reward_model(out_dir: Path, population: Population, pairs_dir: Path | 
         optimiser.step()
         with torch.no_grad():
             model.logit_scale.clamp_(0, np.log(100.0))
-        if step % 100 == 0 or step == steps:
+        if step % 50 == 0 or step == steps:
             log(f"reward step {step}/{steps} loss {loss.item():.4f}")
     check_rng = random.Random(f"toy-reward-check-{seed}")
     drawn = [_drawn_pair(check_rng) for _ in range(512)]
@@ -158,3 +164,33 @@ def train_reward_model(out_dir: Path, population: Population, pairs_dir: Path | 
         model.save_pretrained(tmp)
         processor.save_pretrained(tmp)
     return result
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description="Fine-tune the toy world's reward model (a "
+                                     "tiny CLIP in PickScore's format) on annotator labels.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--pairs", type=Path, default=None,
+                        help="a toy Pick-a-Pic folder of base-model pairs to train on too")
+    parser.add_argument("--steps", type=int, default=400)
+    parser.add_argument("--batch", type=int, default=32)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    from smpo_core.worlds.toy.annotators import population
+
+    result = train_reward_model(args.out_dir, population(), args.pairs, args.steps, args.batch,
+                                seed=args.seed, log=lambda line: print(line, flush=True))
+    record = {"command": "python -m smpo_core.worlds.toy.reward " + " ".join(
+        sys.argv[1:] if argv is None else argv), "seed": args.seed, "steps": args.steps,
+              "batch": args.batch, "accuracy": result,
+              "sha256": {p.name: hashlib.sha256(p.read_bytes()).hexdigest()
+                         for p in sorted(args.out_dir.glob("*.safetensors"))}}
+    (args.out_dir / "train.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(result), flush=True)
+
+
+if __name__ == "__main__":
+    main()
