@@ -166,10 +166,12 @@ def sha256(path: Path) -> str:
 
 def pretrain(out_dir: Path, vae_steps: int = 300, unet_steps: int = 1000, batch: int = 32,
              lr: float = 2e-3, seed: int = 0, width: int = 32, command: str = "",
-             log: Callable[[str], None] = print, max_minutes: float | None = None) -> dict:
+             log: Callable[[str], None] = print, max_minutes: float | None = None,
+             samples: int = 144) -> dict:
     """Pretrain and save the toy pipeline into `out_dir` (atomically); returns its record.
     `max_minutes` caps the whole training: the UNet phase stops early, and the record says
-    after how many steps (rerun with that many to reproduce it)."""
+    after how many steps (rerun with that many to reproduce it). `samples` images (each
+    caption in turn) are judged by the detector."""
     from diffusers import StableDiffusionPipeline
 
     torch.manual_seed(seed)
@@ -186,7 +188,9 @@ def pretrain(out_dir: Path, vae_steps: int = 300, unet_steps: int = 1000, batch:
                                        requires_safety_checker=False)
     pipeline.set_progress_bar_config(disable=True)
     with torch.no_grad():
-        verdict = recognisable(pipeline, scenes.all_captions() * 2, seed=seed)
+        captions = scenes.all_captions()
+        verdict = recognisable(pipeline, [captions[i % len(captions)] for i in range(samples)],
+                               seed=seed)
     log(f"recognisable: {verdict}")
     record = {
         "command": command, "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps,
