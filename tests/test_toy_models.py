@@ -66,7 +66,8 @@ def test_pairs_are_pickapic_rows_labelled_by_one_annotator(small_world):
 
 def test_reward_model_is_pickscore_format(small_world, tmp_path):
     root, _, people, _ = small_world
-    accuracy = train_reward_model(tmp_path / "rm", people, root / "pairs", steps=2, batch=4)
+    accuracy = train_reward_model(tmp_path / "rm", people, root / "pairs", steps=2, batch=4,
+                                  check_pairs=8)
     assert 0.0 <= accuracy["drawn"]["accuracy_vs_labels"] <= 1.0
     model = load_reward_model("pickscore", str(tmp_path / "rm"), torch.device("cpu"))
     images = [scenes.draw(scenes.ToyScene("circle", "red", "white"))] * 2

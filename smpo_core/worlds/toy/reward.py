@@ -115,9 +115,11 @@ def pair_accuracy(model, processor, pairs: list[tuple[str, Image.Image, Image.Im
 
 def train_reward_model(out_dir: Path, population: Population, pairs_dir: Path | None = None,
                        steps: int = 1500, batch: int = 64, lr: float = 5e-4, seed: int = 0,
-                       held_out: float = 0.2, log: Callable[[str], None] = print) -> dict:
+                       held_out: float = 0.2, log: Callable[[str], None] = print,
+                       check_pairs: int = 512) -> dict:
     """Fine-tune the tiny CLIP and save it to `out_dir` (PickScore's layout, atomically).
-    Returns its pairwise accuracy on held-out base-model pairs (if given) and drawn pairs."""
+    Returns its pairwise accuracy on held-out base-model pairs (if given) and on
+    `check_pairs` fresh drawn pairs."""
     rng = random.Random(f"toy-reward-{seed}")
     annotator_rng = np.random.default_rng(seed)
     model, processor = build_clip(seed)
@@ -150,10 +152,10 @@ def train_reward_model(out_dir: Path, population: Population, pairs_dir: Path | 
         if step % 50 == 0 or step == steps:
             log(f"reward step {step}/{steps} loss {loss.item():.4f}")
     check_rng = random.Random(f"toy-reward-check-{seed}")
-    drawn = [_drawn_pair(check_rng) for _ in range(512)]
+    drawn = [_drawn_pair(check_rng) for _ in range(check_pairs)]
     f0 = np.stack([properties(p[1], p[0]) for p in drawn])
     f1 = np.stack([properties(p[2], p[0]) for p in drawn])
-    labels = population.label(f0, f1, np.arange(512) % len(population.weights),
+    labels = population.label(f0, f1, np.arange(check_pairs) % len(population.weights),
                               np.random.default_rng(seed + 7))
     result = {"drawn": pair_accuracy(model, processor, [(*p, float(y)) for p, y in
                                                         zip(drawn, labels, strict=True)],
