@@ -95,3 +95,37 @@ def test_population_file_round_trip(tmp_path):
     (tmp_path / "other.json").write_text('{"weights": []}')
     with pytest.raises(ValueError, match="not a toy-world population file"):
         Population.load(tmp_path / "other.json")
+
+
+def test_toy_metric_kinds_score_the_ground_truth(tmp_path):
+    import torch
+
+    from smpo_core.errors import SmpoError
+    from smpo_core.rewards import load_reward_model
+    from smpo_core.worlds import builtins
+
+    population_file = builtins.resolve("builtin:toy-population", tmp_path)
+    people = Population.load(population_file)
+    assert len(people.weights) == builtins.TOY_ANNOTATORS
+    truth = load_reward_model("toy-truth", population_file, torch.device("cpu"))
+    fidelity_metric = load_reward_model("toy-fidelity", population_file, torch.device("cpu"))
+    text = "a blue square on a white background"
+    right = scenes.draw(scenes.ToyScene("square", "blue", "white", radius=11))
+    wrong = scenes.draw(scenes.ToyScene("circle", "red", "white", radius=11))
+    scores = truth.score([right, wrong], [text, text])
+    # Same size, place and saturation: the gap is the caption term alone, weighted by the
+    # population's mean weight of fidelity.
+    assert scores[0] - scores[1] == pytest.approx(people.mean_weights[0], abs=0.02)
+    assert fidelity_metric.score([right, wrong], [text, text]).tolist() == [1.0, 0.0]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SmpoError, match=r"toy-truth.*population"):
+        load_reward_model("toy-truth", str(tmp_path / "bad.json"), torch.device("cpu"))
+
+
+def test_toy_prompts_are_every_caption_once_styled_by_background(tmp_path):
+    from smpo_core.prompts import load_prompt_set
+    from smpo_core.worlds import builtins
+
+    prompts = load_prompt_set(builtins.resolve("builtin:toy-prompts", tmp_path))
+    assert sorted(prompts.prompts) == sorted(scenes.all_captions())
+    assert set(prompts.styles) == {"white background", "grey background", "black background"}

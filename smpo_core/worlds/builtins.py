@@ -22,7 +22,8 @@ PREFIX = "builtin:"
 TINY_PAIRS = 320  # rows of the tiny Pick-a-Pic train split
 TINY_PROMPTS_SEED = 1234
 TINY_PROMPTS = 1000  # the held-out captions written; evaluate.num_prompts takes the first N
-TOY_PAIRS = 1024  # pairs sampled from the toy base model
+TOY_PAIRS = 256  # pairs sampled from the toy base model
+TOY_PAIR_STEPS = 10  # DDIM steps per pair image: pairs are built on first use
 TOY_ANNOTATORS = 16
 TOY_PROMPTS_SEED = 72
 
@@ -102,7 +103,8 @@ def _toy_pickapic(folder: Path) -> Path:
 
     population = Population.load(_toy_population(folder.parent / "toy-population"))
     return build_once(folder, "data", lambda path: pairs.write_toy_pickapic(
-        path, _toy_weights("toy-sd"), population, num_pairs=TOY_PAIRS, seed=0))
+        path, _toy_weights("toy-sd"), population, num_pairs=TOY_PAIRS, seed=0,
+        steps=TOY_PAIR_STEPS))
 
 
 def _toy_prompts(folder: Path) -> Path:
