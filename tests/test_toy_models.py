@@ -43,7 +43,7 @@ def test_pretraining_writes_a_loadable_pipeline_and_its_record(small_world):
     for name, digest in saved["sha256"].items():
         assert hashlib.sha256((root / "sd" / name).read_bytes()).hexdigest() == digest
     assert 0.0 <= saved["detector"]["recognisable"] <= 1.0 and saved["detector"]["samples"] == 4
-    pipe = StableDiffusionPipeline.from_pretrained(root / "sd", torch_dtype=torch.float32,
+    pipe = StableDiffusionPipeline.from_pretrained(root / "sd", dtype=torch.float32,
                                                    local_files_only=True)
     image = pipe("a red circle on a white background", num_inference_steps=2,
                  height=scenes.IMAGE_SIZE, width=scenes.IMAGE_SIZE,

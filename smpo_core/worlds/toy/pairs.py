@@ -52,7 +52,7 @@ def write_toy_pickapic(out_dir: Path, base: Path, population: Population, num_pa
     Returns counts (pairs, ties, agreement of labels with the true reward)."""
     from diffusers import StableDiffusionPipeline
 
-    pipeline = StableDiffusionPipeline.from_pretrained(base, torch_dtype=torch.float32,
+    pipeline = StableDiffusionPipeline.from_pretrained(base, dtype=torch.float32,
                                                        local_files_only=True)
     pipeline.set_progress_bar_config(disable=True)
     rng = random.Random(f"toy-pairs-{seed}")
