@@ -97,10 +97,13 @@ def _toy_population(folder: Path) -> Path:
 
 
 def _toy_pickapic(folder: Path) -> Path:
-    """Pairs sampled from the pretrained toy model, labelled by the toy population."""
-    from smpo_core.worlds.toy import pairs
+    """Pairs sampled from the pretrained toy model, labelled by the toy population: the
+    committed copy (sampling them takes minutes on a CPU), else built into the store."""
+    from smpo_core.worlds.toy import WEIGHTS, pairs
     from smpo_core.worlds.toy.annotators import Population
 
+    if (WEIGHTS / "toy-pickapic" / "data").is_dir():
+        return WEIGHTS / "toy-pickapic"
     population = Population.load(_toy_population(folder.parent / "toy-population"))
     return build_once(folder, "data", lambda path: pairs.write_toy_pickapic(
         path, _toy_weights("toy-sd"), population, num_pairs=TOY_PAIRS, seed=0,
