@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo test lint clean-store reference-check bench
+.PHONY: install demo toy-demo study test lint clean-store reference-check bench
 
 install: $(STAMP)
 
@@ -21,6 +21,17 @@ $(STAMP): pyproject.toml
 
 demo: install
 	$(BIN)/smpo run --profile tiny
+
+# The toy world: a base model pretrained here on drawn scenes, simulated annotators, a reward
+# model fine-tuned on their labels; the report states the true-reward gain (toy-truth row).
+# Meant to become `make demo` once the committed base model is recognisable (README).
+toy-demo: install
+	$(BIN)/smpo run --profile toy
+
+# The five methods x three seeds on the toy world: study.json, table.md, curves.png in
+# smpo-store/study/ and one MLflow parent run with a child per method (flows/study.py).
+study: install
+	$(BIN)/python -m flows.study --profile toy
 
 lint: install
 	$(BIN)/ruff check .

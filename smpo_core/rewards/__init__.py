@@ -6,6 +6,7 @@
 | hpsv2 | HPS_v2(.1)_compressed.pt | CLIP tokenizer (None: open-clip-torch's BPE) |
 | imagereward | ImageReward.pt | bert-base-uncased tokenizer folder |
 | aesthetic | sac+logos+ava1-l14-linearMSE.pth | CLIP ViT-L/14 folder or hub id |
+| toy-truth, toy-fidelity | the toy world's population.json (its ground truth) | - |
 """
 
 from __future__ import annotations
@@ -22,6 +23,7 @@ from smpo_core.rewards.base import RewardModel, checkpoint_hash
 from smpo_core.rewards.clip import ClipScore, PickScore
 from smpo_core.rewards.hpsv2 import OPEN_CLIP_FORMAT, HPSv2
 from smpo_core.rewards.imagereward import IMAGEREWARD_FORMAT, ImageReward
+from smpo_core.rewards.toy import POPULATION_FORMAT, ToyFidelity, ToyTruth
 
 REWARD_MODELS: dict[str, type[RewardModel]] = {
     "pickscore": PickScore,
@@ -29,12 +31,15 @@ REWARD_MODELS: dict[str, type[RewardModel]] = {
     "hpsv2": HPSv2,
     "imagereward": ImageReward,
     "aesthetic": LaionAesthetic,
+    "toy-truth": ToyTruth,
+    "toy-fidelity": ToyFidelity,
 }
 
 _EXPECTED = {
     "hpsv2": OPEN_CLIP_FORMAT,
     "imagereward": IMAGEREWARD_FORMAT,
     "aesthetic": AESTHETIC_FORMAT,
+    "toy-truth": POPULATION_FORMAT,
 }
 
 __all__ = ["REWARD_MODELS", "RewardModel", "check_kinds", "checkpoint_hash",

@@ -22,6 +22,10 @@ PREFIX = "builtin:"
 TINY_PAIRS = 320  # rows of the tiny Pick-a-Pic train split
 TINY_PROMPTS_SEED = 1234
 TINY_PROMPTS = 1000  # the held-out captions written; evaluate.num_prompts takes the first N
+TOY_PAIRS = 256  # pairs sampled from the toy base model
+TOY_PAIR_STEPS = 10  # DDIM steps per pair image: pairs are built on first use
+TOY_ANNOTATORS = 16
+TOY_PROMPTS_SEED = 72
 
 
 def _tiny_pickapic(folder: Path) -> Path:
@@ -73,6 +77,54 @@ def _tiny_aesthetic(folder: Path) -> Path:
         path / head, in_features=32)) / head
 
 
+def _toy_weights(name: str) -> Path:
+    """Weights the project pretrained and committed (smpo_core/worlds/toy/weights/)."""
+    from smpo_core.worlds.toy import WEIGHTS
+
+    path = WEIGHTS / name
+    if not path.is_dir():
+        raise SmpoError(f"builtin:{name}: no weights at {path}; rebuild them with the command "
+                        f"in smpo_core/worlds/toy/README.md")
+    return path
+
+
+def _toy_population(folder: Path) -> Path:
+    """The toy world's annotators: their hidden weights, the ground truth of its metrics."""
+    from smpo_core.worlds.toy import annotators
+
+    return build_once(folder, "population.json", lambda path: annotators.population(
+        count=TOY_ANNOTATORS, seed=0).save(path / "population.json")) / "population.json"
+
+
+def _toy_pickapic(folder: Path) -> Path:
+    """Pairs sampled from the pretrained toy model, labelled by the toy population: the
+    committed copy (sampling them takes minutes on a CPU), else built into the store."""
+    from smpo_core.worlds.toy import WEIGHTS, pairs
+    from smpo_core.worlds.toy.annotators import Population
+
+    if (WEIGHTS / "toy-pickapic" / "data").is_dir():
+        return WEIGHTS / "toy-pickapic"
+    population = Population.load(_toy_population(folder.parent / "toy-population"))
+    return build_once(folder, "data", lambda path: pairs.write_toy_pickapic(
+        path, _toy_weights("toy-sd"), population, num_pairs=TOY_PAIRS, seed=0,
+        steps=TOY_PAIR_STEPS))
+
+
+def _toy_prompts(folder: Path) -> Path:
+    """Every toy caption once, in a fixed shuffled order, styled by background."""
+    import random
+
+    from smpo_core.worlds.toy import scenes
+
+    def build(path: Path) -> None:
+        captions = scenes.all_captions()
+        random.Random(TOY_PROMPTS_SEED).shuffle(captions)
+        rows = [f"{c}\t{c.split()[-2]} background" for c in captions]
+        (path / "prompts.tsv").write_text("prompt\tstyle\n" + "\n".join(rows) + "\n")
+
+    return build_once(folder, "prompts.tsv", build) / "prompts.tsv"
+
+
 def _beside(name: str, build: Callable[[Path], Path], part: str) -> Callable[[Path], Path]:
     """A part of another builtin (e.g. the tokenizer that ships with a checkpoint)."""
     return lambda folder: build(folder.parent / name) / part
@@ -90,6 +142,11 @@ BUILTINS: dict[str, Callable[[Path], Path]] = {
     "tiny-imagereward": lambda folder: _tiny_imagereward(folder) / "ImageReward.pt",
     "tiny-imagereward-bert": _beside("tiny-imagereward", _tiny_imagereward, "bert"),
     "tiny-aesthetic": _tiny_aesthetic,
+    "toy-sd": lambda folder: _toy_weights("toy-sd"),
+    "toy-reward": lambda folder: _toy_weights("toy-reward"),
+    "toy-population": _toy_population,
+    "toy-pickapic": _toy_pickapic,
+    "toy-prompts": _toy_prompts,
 }
 
 

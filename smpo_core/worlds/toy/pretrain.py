@@ -1,0 +1,235 @@
+"""Pretrain the toy world's base model: a small latent diffusion model in the diffusers format
+(AutoencoderKL, UNet2DConditionModel, CLIP text encoder and tokenizer, DDIM), trained on
+freshly drawn scenes, so that its samples show the prompted shape and colour.
+
+    python -m smpo_core.worlds.toy.pretrain OUT_DIR [--vae-steps N] [--unet-steps N] [--seed S]
+
+Two phases: the VAE learns to reconstruct scenes (MSE + a small KL term); then, with the VAE
+frozen, the UNet and the text encoder learn to denoise its latents (epsilon prediction,
+uniform timesteps, 10% empty captions for classifier-free guidance). Every batch is new
+scenes, so nothing is memorised. OUT_DIR gets the pipeline (fp16 safetensors: small enough
+to commit) and `pretrain.json`: the command, seed, steps, timings, the sha256 of every weight
+file and the detector's verdict on samples ("recognisable": right shape and colour).
+"""
+
+from __future__ import annotations
+
+import argparse
+import hashlib
+import json
+import random
+import sys
+import time
+from collections.abc import Callable
+from pathlib import Path
+
+import numpy as np
+import torch
+import torch.nn.functional as F
+
+from smpo_core.store import atomic_dir
+from smpo_core.worlds.toy import scenes
+from smpo_core.worlds.toy.detector import detect, fidelity
+
+GUIDANCE_SCALE = 3.0  # the scale the toy profile samples with
+SAMPLE_STEPS = 20
+EMPTY_CAPTION_PROB = 0.1
+MAX_TOKENS = 16  # captions are 7 words: padding to CLIP's 77 would only cost time
+
+
+def build_components(seed: int, width: int = 32) -> dict:
+    """Random-initialised components of the toy pipeline (tokenizer, text encoder, VAE with a
+    downsampling factor of 4, UNet over 8x8x4 latents, DDIM). Small enough to pretrain on a
+    shared CPU in tens of minutes."""
+    from diffusers import AutoencoderKL, UNet2DConditionModel
+    from transformers import CLIPTextConfig, CLIPTextModel
+
+    from smpo_core.worlds.tiny import _sd_scheduler, _text_config, build_clip_tokenizer
+
+    tokenizer = build_clip_tokenizer(scenes.caption_words())
+    tokenizer.model_max_length = MAX_TOKENS
+    with torch.random.fork_rng(devices=[]):
+        torch.manual_seed(seed)
+        text_encoder = CLIPTextModel(CLIPTextConfig(**_text_config(tokenizer)))
+        vae = AutoencoderKL(
+            in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
+            up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 32),
+            layers_per_block=1, latent_channels=4, sample_size=scenes.IMAGE_SIZE,
+            norm_num_groups=8)
+        unet = UNet2DConditionModel(
+            sample_size=scenes.IMAGE_SIZE // 4, in_channels=4, out_channels=4,
+            layers_per_block=1, block_out_channels=(width, 2 * width),
+            down_block_types=("CrossAttnDownBlock2D", "CrossAttnDownBlock2D"),
+            up_block_types=("CrossAttnUpBlock2D", "CrossAttnUpBlock2D"),
+            cross_attention_dim=text_encoder.config.hidden_size, attention_head_dim=8,
+            norm_num_groups=8)
+    return {"tokenizer": tokenizer, "text_encoder": text_encoder, "vae": vae, "unet": unet,
+            "scheduler": _sd_scheduler()}
+
+
+def scene_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]:
+    """`size` fresh scenes as images in [-1, 1] (N, 3, H, W) and their captions."""
+    drawn = [scenes.random_scene(rng) for _ in range(size)]
+    pixels = np.stack([np.asarray(scenes.draw(s), dtype=np.float32) for s in drawn])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return images, [scenes.caption(s) for s in drawn]
+
+
+def train_vae(vae, steps: int, batch: int, rng: random.Random,
+              log: Callable[[str], None]) -> float:
+    """Reconstruction training; returns the latent scaling factor (1 / std of the latents)."""
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
+    vae.train()
+    for step in range(1, steps + 1):
+        images, _ = scene_batch(rng, batch)
+        posterior = vae.encode(images).latent_dist
+        recon = vae.decode(posterior.sample()).sample
+        loss = F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+        optimiser.zero_grad()
+        loss.backward()
+        optimiser.step()
+        if step % 25 == 0 or step == steps:
+            log(f"vae step {step}/{steps} loss {loss.item():.4f} {time.strftime('%H:%M:%S')}")
+    vae.eval()
+    with torch.no_grad():
+        images, _ = scene_batch(rng, 64)
+        latents = vae.encode(images).latent_dist.sample()
+    return float(1.0 / latents.std())
+
+
+def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
+    ids = tokenizer(captions, padding="max_length", max_length=tokenizer.model_max_length,
+                    truncation=True, return_tensors="pt").input_ids
+    return text_encoder(ids)[0]
+
+
+def train_unet(parts: dict, steps: int, batch: int, lr: float, rng: random.Random,
+               log: Callable[[str], None], deadline: float | None = None) -> int:
+    """Denoising training of the UNet and text encoder; stops early at `deadline` (a
+    time.time() value). Warm-up, then a constant learning rate, so that N steps of a run cut
+    short equal a run of N steps. Returns the steps done."""
+    unet, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
+    params = list(unet.parameters()) + list(parts["text_encoder"].parameters())
+    optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: min(1.0, (s + 1) / 50))
+    unet.train()
+    parts["text_encoder"].train()
+    scale = vae.config.scaling_factor
+    for step in range(1, steps + 1):
+        images, captions = scene_batch(rng, batch)
+        captions = ["" if rng.random() < EMPTY_CAPTION_PROB else c for c in captions]
+        with torch.no_grad():
+            latents = vae.encode(images).latent_dist.sample() * scale
+        noise = torch.randn_like(latents)
+        t = torch.randint(0, scheduler.config.num_train_timesteps, (batch,))
+        noisy = scheduler.add_noise(latents, noise, t)
+        hidden = encode_text(parts["tokenizer"], parts["text_encoder"], captions)
+        loss = F.mse_loss(unet(noisy, t, hidden).sample, noise)
+        optimiser.zero_grad()
+        loss.backward()
+        torch.nn.utils.clip_grad_norm_(params, 1.0)
+        optimiser.step()
+        schedule.step()
+        if step % 25 == 0 or step == steps:
+            log(f"unet step {step}/{steps} loss {loss.item():.4f} {time.strftime('%H:%M:%S')}")
+        if deadline is not None and time.time() > deadline:
+            log(f"unet: time budget spent after step {step}")
+            break
+    unet.eval()
+    parts["text_encoder"].eval()
+    return step
+
+
+def recognisable(pipeline, captions: list[str], seed: int = 0,
+                 guidance_scale: float = GUIDANCE_SCALE) -> dict:
+    """The detector's verdict on one sample per caption: the fraction showing the prompted
+    shape and colour, and the fractions right in shape / in colour alone."""
+    generator = torch.Generator("cpu").manual_seed(seed)
+    images = pipeline(captions, num_inference_steps=SAMPLE_STEPS, guidance_scale=guidance_scale,
+                      generator=generator, height=scenes.IMAGE_SIZE,
+                      width=scenes.IMAGE_SIZE).images
+    found = [detect(image) for image in images]
+    wanted = [scenes.parse_caption(c) for c in captions]
+    return {"samples": len(captions),
+            "recognisable": float(np.mean([fidelity(f, c) == 1.0
+                                           for f, c in zip(found, captions, strict=True)])),
+            "shape": float(np.mean([f.shape == w.shape for f, w in zip(found, wanted,
+                                                                        strict=True)])),
+            "colour": float(np.mean([f.colour == w.colour for f, w in zip(found, wanted,
+                                                                           strict=True)]))}
+
+
+def sha256(path: Path) -> str:
+    return hashlib.sha256(path.read_bytes()).hexdigest()
+
+
+def pretrain(out_dir: Path, vae_steps: int = 300, unet_steps: int = 1000, batch: int = 32,
+             lr: float = 2e-3, seed: int = 0, width: int = 32, command: str = "",
+             log: Callable[[str], None] = print, max_minutes: float | None = None,
+             samples: int = 144) -> dict:
+    """Pretrain and save the toy pipeline into `out_dir` (atomically); returns its record.
+    `max_minutes` caps the whole training: the UNet phase stops early, and the record says
+    after how many steps (rerun with that many to reproduce it). `samples` images (each
+    caption in turn) are judged by the detector."""
+    from diffusers import StableDiffusionPipeline
+
+    torch.manual_seed(seed)
+    rng = random.Random(seed)
+    parts = build_components(seed, width)
+    started = time.time()
+    parts["vae"].register_to_config(
+        scaling_factor=train_vae(parts["vae"], vae_steps, batch, rng, log))
+    vae_seconds = time.time() - started
+    parts["vae"].requires_grad_(False)
+    deadline = started + 60 * max_minutes if max_minutes else None
+    unet_steps = train_unet(parts, unet_steps, batch, lr, rng, log, deadline)
+    pipeline = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
+                                       requires_safety_checker=False)
+    pipeline.set_progress_bar_config(disable=True)
+    with torch.no_grad():
+        captions = scenes.all_captions()
+        verdict = recognisable(pipeline, [captions[i % len(captions)] for i in range(samples)],
+                               seed=seed)
+    log(f"recognisable: {verdict}")
+    record = {
+        "command": command, "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps,
+        "batch": batch, "learning_rate": lr, "width": width,
+        "vae_seconds": round(vae_seconds), "seconds": round(time.time() - started),
+        "torch": torch.__version__, "detector": verdict | {
+            "sampler": f"DDIM {SAMPLE_STEPS} steps, guidance {GUIDANCE_SCALE}"},
+    }
+    with atomic_dir(Path(out_dir)) as tmp:
+        pipeline.to(torch.float16).save_pretrained(tmp)
+        record["sha256"] = {str(p.relative_to(tmp)): sha256(p)
+                            for p in sorted(tmp.rglob("*.safetensors"))}
+        (tmp / "pretrain.json").write_text(json.dumps(record, indent=1) + "\n")
+    return record
+
+
+def main(argv: list[str] | None = None) -> None:
+    parser = argparse.ArgumentParser(description=__doc__.split("\n\n")[0])
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--vae-steps", type=int, default=300)
+    parser.add_argument("--unet-steps", type=int, default=1000)
+    parser.add_argument("--batch", type=int, default=32, help="scenes per UNet step (the "
+                        "VAE takes half)")
+    parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--width", type=int, default=32, help="UNet / VAE base channels")
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--max-minutes", type=float, default=None,
+                        help="stop the UNet phase when training has taken this long")
+    parser.add_argument("--threads", type=int, default=None, help="torch CPU threads (1 on "
+                        "a shared machine: more threads only spin against each other)")
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    command = "python -m smpo_core.worlds.toy.pretrain " + " ".join(
+        sys.argv[1:] if argv is None else argv)
+    pretrain(args.out_dir, args.vae_steps, args.unet_steps, args.batch, args.lr, args.seed,
+             args.width, command, log=lambda line: print(line, flush=True),
+             max_minutes=args.max_minutes)
+
+
+if __name__ == "__main__":
+    main()

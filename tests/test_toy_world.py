@@ -1,0 +1,131 @@
+"""The toy world's pieces against independent facts: scenes drawn with known attributes,
+the detector's verdicts on them, and the annotators' labelling statistics."""
+
+from __future__ import annotations
+
+import random
+
+import numpy as np
+import pytest
+
+from smpo_core.worlds.toy import scenes
+from smpo_core.worlds.toy.annotators import MEAN_TASTE, Population, population
+from smpo_core.worlds.toy.detector import PROPERTIES, detect, fidelity, properties
+
+
+def test_captions_round_trip_and_name_72_scenes():
+    captions = scenes.all_captions()
+    assert len(set(captions)) == 6 * 4 * 3 == 72
+    assert "an orange diamond on a black background" in captions
+    for text in captions:
+        assert scenes.caption(scenes.parse_caption(text)) == text
+    assert scenes.parse_caption("a red circle above a blue square") is None
+    with pytest.raises(ValueError, match="not a toy-world caption"):
+        scenes.random_scene(random.Random(0), "a cat")
+
+
+def test_detector_names_shape_and_colour_of_drawn_scenes():
+    rng = random.Random(1)
+    drawn = [scenes.random_scene(rng) for _ in range(400)]
+    found = [detect(scenes.draw(s)) for s in drawn]
+    shape = np.mean([f.shape == s.shape for f, s in zip(found, drawn, strict=True)])
+    colour = np.mean([f.colour == s.colour for f, s in zip(found, drawn, strict=True)])
+    background = np.mean([f.background == s.background for f, s in zip(found, drawn,
+                                                                        strict=True)])
+    assert shape >= 0.95 and colour >= 0.98 and background == 1.0, (shape, colour)
+
+
+def test_detector_measures_size_position_and_saturation():
+    big = detect(scenes.draw(scenes.ToyScene("square", "blue", "white", radius=12)))
+    small = detect(scenes.draw(scenes.ToyScene("square", "blue", "white", radius=5)))
+    # A square of half-side 0.85 r: area (1.7 r)^2 of 32^2 pixels, within edge blur.
+    assert big.area == pytest.approx((1.7 * 12) ** 2 / 32**2, rel=0.1)
+    assert small.area == pytest.approx((1.7 * 5) ** 2 / 32**2, rel=0.25)
+    corner = detect(scenes.draw(scenes.ToyScene("circle", "red", "grey", radius=5, x=7, y=25)))
+    assert corner.centre == pytest.approx((7 / 32, 25 / 32), abs=0.02)
+    pale = detect(scenes.draw(scenes.ToyScene("circle", "red", "black", saturation=0.4)))
+    vivid = detect(scenes.draw(scenes.ToyScene("circle", "red", "black", saturation=1.0)))
+    assert pale.colour == vivid.colour == "red"
+    assert pale.saturation < vivid.saturation - 0.3
+
+
+def test_fidelity_and_properties_follow_the_caption():
+    image = scenes.draw(scenes.ToyScene("triangle", "green", "white", radius=10))
+    assert fidelity(detect(image), "a green triangle on a white background") == 1.0
+    assert fidelity(detect(image), "a green circle on a white background") == 0.5
+    assert fidelity(detect(image), "a red circle on a white background") == 0.0
+    empty = scenes.draw(scenes.ToyScene("circle", "red", "grey", radius=0.5))
+    assert detect(empty).shape is None
+    assert properties(empty, "a red circle on a grey background").tolist() == [0.0] * 5
+    values = properties(image, "a green triangle on a white background")
+    assert values.shape == (len(PROPERTIES),) and ((values >= 0) & (values <= 1)).all()
+
+
+def test_population_tastes_vary_around_the_mean_taste():
+    people = population(count=400, seed=0)
+    weights = np.asarray(people.weights)
+    assert np.allclose(weights.sum(axis=1), 1.0)
+    assert people.mean_weights == pytest.approx(MEAN_TASTE, abs=0.03)
+    # Varied: the annotator who cares most about each property is someone different.
+    assert len(set(weights.argmax(axis=1))) == len(PROPERTIES)
+
+
+def test_labels_are_bradley_terry_with_ties_on_tiny_gaps():
+    people = Population(weights=((1.0, 0, 0, 0, 0), (0, 1.0, 0, 0, 0)), temperature=0.05,
+                        tie_gap=0.01)
+    n = 20000
+    f0 = np.zeros((n, 5))
+    f1 = np.zeros((n, 5))
+    f0[:, 0] = 0.05  # annotator 0 sees a gap of 0.05 for image 0; annotator 1 sees none
+    f0[: n // 2, 1] = 0.005
+    annotators = np.repeat([0, 1], n // 2)
+    labels = people.label(f0, f1, annotators, np.random.default_rng(0))
+    first, second = labels[annotators == 0], labels[annotators == 1]
+    # Annotator 0: P(image 0 wins) = sigmoid(0.05 / 0.05) = 0.731; never a tie.
+    assert set(np.unique(first)) == {0.0, 1.0}
+    assert first.mean() == pytest.approx(1 / (1 + np.exp(-1)), abs=0.015)
+    # Annotator 1 sees no gap above the tie threshold: every pair a tie.
+    assert (second == 0.5).all()
+
+
+def test_population_file_round_trip(tmp_path):
+    people = population(count=5, seed=3)
+    people.save(tmp_path / "population.json")
+    assert Population.load(tmp_path / "population.json") == people
+    (tmp_path / "other.json").write_text('{"weights": []}')
+    with pytest.raises(ValueError, match="not a toy-world population file"):
+        Population.load(tmp_path / "other.json")
+
+
+def test_toy_metric_kinds_score_the_ground_truth(tmp_path):
+    import torch
+
+    from smpo_core.errors import SmpoError
+    from smpo_core.rewards import load_reward_model
+    from smpo_core.worlds import builtins
+
+    population_file = builtins.resolve("builtin:toy-population", tmp_path)
+    people = Population.load(population_file)
+    assert len(people.weights) == builtins.TOY_ANNOTATORS
+    truth = load_reward_model("toy-truth", population_file, torch.device("cpu"))
+    fidelity_metric = load_reward_model("toy-fidelity", population_file, torch.device("cpu"))
+    text = "a blue square on a white background"
+    right = scenes.draw(scenes.ToyScene("square", "blue", "white", radius=11))
+    wrong = scenes.draw(scenes.ToyScene("circle", "red", "white", radius=11))
+    scores = truth.score([right, wrong], [text, text])
+    # Same size, place and saturation: the gap is the caption term alone, weighted by the
+    # population's mean weight of fidelity.
+    assert scores[0] - scores[1] == pytest.approx(people.mean_weights[0], abs=0.02)
+    assert fidelity_metric.score([right, wrong], [text, text]).tolist() == [1.0, 0.0]
+    (tmp_path / "bad.json").write_text("{}")
+    with pytest.raises(SmpoError, match=r"toy-truth.*population"):
+        load_reward_model("toy-truth", str(tmp_path / "bad.json"), torch.device("cpu"))
+
+
+def test_toy_prompts_are_every_caption_once_styled_by_background(tmp_path):
+    from smpo_core.prompts import load_prompt_set
+    from smpo_core.worlds import builtins
+
+    prompts = load_prompt_set(builtins.resolve("builtin:toy-prompts", tmp_path))
+    assert sorted(prompts.prompts) == sorted(scenes.all_captions())
+    assert set(prompts.styles) == {"white background", "grey background", "black background"}
