@@ -64,10 +64,13 @@ def smpo(
     overrides: list[str] | None = None,
     store: str | None = None,
     force: list[str] | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run the SmPO pipeline: `stages` (default all, upstream included) of `profile`, with
     `section.key=value` overrides, into the stage store `store` (default $SMPO_STORE);
-    `force`: stages to recompute although their outputs exist."""
+    `force`: stages to recompute although their outputs exist. `parent_run_id` nests this
+    run's MLflow run under another (a sweep's), `run_name` names it."""
     run = (_CHECKED.pop(_request(stages, profile, overrides, store, force), None)
            or plan_run(stages, profile, overrides, store, force))
     settings = run.settings
@@ -80,7 +83,8 @@ def smpo(
     if runtime.flow_run.ui_url:
         tags["prefect.flow_run_url"] = runtime.flow_run.ui_url
     started = time.strftime("%Y-%m-%d %H:%M:%S")
-    with tracking.run(client, experiment, f"smpo {settings.profile} {started}", tags) as parent:
+    name = run_name or f"smpo {settings.profile} {started}"
+    with tracking.run(client, experiment, name, tags, parent_run_id) as parent:
         parent.params({"profile": settings.profile, "stages": ",".join(run.stages),
                        "store": str(run.store)})
         ctx = RunContext(settings, str(run.store), run.tracking_uri, experiment, parent.run_id)

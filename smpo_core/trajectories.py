@@ -98,10 +98,6 @@ def invert_pair_batch(
     )
 
 
-def complete_shards(folder: Path) -> int:
-    return len(list(Path(folder).glob("index-*.parquet")))
-
-
 def write_shard(folder: Path, shard: int, pair_ids: list[int], batches: list[InvertedBatch]) -> int:
     """Write one shard and then its index; returns the bytes written."""
     tensors = {
@@ -141,11 +137,17 @@ def build_cache(
     batch_size: int,
     shard_pairs: int,
     on_shard: Callable[[int, int], None] | None = None,
+    owned: Callable[[int], bool] = lambda shard: True,
 ) -> dict[str, int]:
-    """Invert pairs shard by shard; shards already complete are skipped (resume after a crash)."""
-    done = complete_shards(folder)
-    skip = done * shard_pairs
-    shard, pairs, written = done, 0, 0
+    """Invert pairs shard by shard (shard s: pairs s * shard_pairs onwards); shards already
+    complete are skipped (resume after a crash).
+
+    With `owned`, only the shards it accepts (by index) are written: several processes each
+    write their own shards, and a shard holds the same pairs, inverted in the same batches,
+    whichever process writes it.
+    """
+    folder = Path(folder)
+    shard, pairs, written, resumed = 0, 0, 0, 0
     ids: list[int] = []
     rows: list[dict[str, Any]] = []
     pending: list[InvertedBatch] = []
@@ -156,18 +158,21 @@ def build_cache(
             rows.clear()
 
     def flush_shard() -> None:
-        nonlocal shard, written
+        nonlocal written
         flush_batch()
         written += write_shard(folder, shard, ids, pending)
         if on_shard:
             on_shard(shard, pairs)
-        shard += 1
         ids.clear()
         pending.clear()
 
     for position, row in enumerate(pair_rows):
         pairs = position + 1
-        if position < skip:
+        shard = position // shard_pairs
+        if not owned(shard):
+            continue
+        if (folder / f"index-{shard:05d}.parquet").is_file():  # complete before a crash
+            resumed += position % shard_pairs == 0
             continue
         ids.append(row["pair_id"])
         rows.append(row)
@@ -177,7 +182,9 @@ def build_cache(
             flush_shard()
     if ids:
         flush_shard()
-    return {"pairs": pairs, "shards": shard, "resumed_shards": done, "bytes_written": written}
+    shards = -(-pairs // shard_pairs)
+    return {"pairs": pairs, "shards": shards, "resumed_shards": resumed,
+            "bytes_written": written}
 
 
 class TrajectoryCache:

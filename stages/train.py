@@ -6,23 +6,17 @@ each process `accelerate launch` starts (DDP), with this module as their entry p
 
 from __future__ import annotations
 
-import argparse
 import json
-import os
 import re
-import subprocess
-import sys
-from collections import deque
 from collections.abc import Callable
 from pathlib import Path
 from typing import Any
 
 import numpy as np
 import torch
-from accelerate import Accelerator, DataLoaderConfiguration, PartialState
+from accelerate import Accelerator, DataLoaderConfiguration
 from diffusers import DDIMScheduler, UNet2DConditionModel
 
-from smpo_core.errors import SmpoError
 from smpo_core.inversion import inversion_levels
 from smpo_core.models import add_lora, resolve_device, resolve_dtype, save_lora
 from smpo_core.report import training_curves
@@ -41,15 +35,12 @@ from smpo_core.training import (
 )
 from smpo_core.trajectories import TrajectoryCache
 from stages.common import Progress, StageRun
+from stages.launch import launch, process_main, say
 from stages.score import LABELS
 
 STATE = "train_state.pt"
 HISTORY = "history.json"
-LAUNCH_SPEC = "launch.json"  # what the launched processes train: settings and folders
-LAUNCH_RESULT = "launch-result.json"  # the main process's summary, read back by the stage
 STEP_LINE = re.compile(r"step (\d+)/\d+:")
-ERROR_LINE = "error in training process"  # a launched process's one-line failure
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def compute(run: StageRun) -> dict[str, Any]:
@@ -183,85 +174,37 @@ def fit(
     }
 
 
-def launch_command(settings: Settings, spec: Path) -> list[str]:
-    """`accelerate launch` of this module on `train.num_processes` processes of this machine.
-
-    `--multi_gpu` selects torch.distributed.run, which starts the processes, on the CPU too
-    (`--cpu` would start a single one); there the workers' `Accelerator(cpu=True)` uses gloo.
-    Port 0: a free port, so two trainings on one machine do not collide.
-    """
-    cuda = resolve_device(settings.model.device).type == "cuda"
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-            "--num_processes", str(settings.train.num_processes), "--num_machines", "1",
-            "--mixed_precision", settings.train.mixed_precision if cuda else "no",
-            "--dynamo_backend", "no", "--main_process_port", "0",
-            "-m", "stages.train", "--spec", str(spec)]
-
-
 def _launch(run: StageRun, base: str, progress: Progress) -> dict[str, Any]:
     """Run `fit` under `accelerate launch`, its output streamed into the stage log."""
-    spec, result = run.out_dir / LAUNCH_SPEC, run.out_dir / LAUNCH_RESULT
-    result.unlink(missing_ok=True)
-    spec.write_text(json.dumps({
+    def on_line(line: str) -> None:
+        if step := STEP_LINE.match(line):
+            progress.update(int(step[1]) - progress.done)
+
+    cfg = run.settings.train
+    return launch(run, "stages.train", cfg.num_processes, {
         "settings": run.settings.model_dump(mode="json"), "base": base,
         "invert": str(run.input_dir("invert")), "score": str(run.input_dir("score")),
-        "out_dir": str(run.out_dir), "result": str(result)}, indent=1))
-    command = launch_command(run.settings, spec)
-    run.log("launching %s", " ".join(command))
-    env = os.environ | {"PYTHONUNBUFFERED": "1",
-                        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                    os.environ.get("PYTHONPATH")]))}
-    tail: deque[str] = deque(maxlen=25)
-    errors: list[str] = []
-    # Same session as this worker: cancelling the flow run must take the training down too.
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
-        try:
-            for line in process.stdout:
-                line = line.rstrip()
-                tail.append(line)
-                if line.startswith(ERROR_LINE):
-                    errors.append(line)
-                run.log("%s", line)
-                if step := STEP_LINE.match(line):
-                    progress.update(int(step[1]) - progress.done)
-        except BaseException:
-            process.terminate()  # torch.distributed.run passes it on to the processes
-            raise
-    if process.returncode != 0 or not result.is_file():
-        raise SmpoError(
-            f"train: `accelerate launch` of {run.settings.train.num_processes} processes failed "
-            f"(exit status {process.returncode}): "
-            + ("\n".join(errors) if errors else "its last lines:\n" + "\n".join(tail))
-            + "\n(the whole output is in the stage log); fix the cause, or set "
-            "train.num_processes=1 to train in the stage's process")
-    return json.loads(result.read_text())
+        "out_dir": str(run.out_dir)}, on_line,
+        cuda=resolve_device(run.settings.model.device).type == "cuda",
+        mixed_precision=cfg.mixed_precision)
 
 
-def main(argv: list[str] | None = None) -> None:
-    """Entry point of each process `accelerate launch` starts for the train stage."""
-    parser = argparse.ArgumentParser(description="One train-stage process under "
-                                     "`accelerate launch`; started by the train stage.")
-    parser.add_argument("--spec", type=Path, required=True, help="the stage's launch.json")
-    spec = json.loads(parser.parse_args(argv).spec.read_text())
+def _process(spec: dict[str, Any]) -> dict[str, Any]:
+    """One train-stage process under `accelerate launch`."""
     settings = settings_model().model_validate(spec["settings"])
-
-    def say(message: str, *args: Any) -> None:
-        print(message % args, flush=True)
 
     def report(step: int, metrics: dict[str, float]) -> None:
         say("step %d/%d: %s", step, settings.train.max_steps,
             " ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
 
-    try:
-        summary = fit(settings, spec["base"], Path(spec["invert"]), Path(spec["score"]),
-                      Path(spec["out_dir"]), report, say)
-    except Exception as exc:  # the stage shows this line; the traceback follows in the log
-        say("%s %d: %s: %s", ERROR_LINE, PartialState().process_index, type(exc).__name__, exc)
-        raise
-    if PartialState().is_main_process:
-        with atomic_path(Path(spec["result"])) as tmp:
-            tmp.write_text(json.dumps(summary))
+    return fit(settings, spec["base"], Path(spec["invert"]), Path(spec["score"]),
+               Path(spec["out_dir"]), report, say)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of each process `accelerate launch` starts for the train stage."""
+    process_main(argv, "One train-stage process under `accelerate launch`; started by the "
+                 "train stage.", _process)
 
 
 if __name__ == "__main__":
