@@ -20,6 +20,7 @@ import csv
 import itertools
 import json
 import queue
+import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -32,7 +33,7 @@ from prefect import flow, runtime, task
 from prefect.cache_policies import NO_CACHE
 from prefect.futures import PrefectFuture
 
-from flows.plan import check_reachable, tracking_uri
+from flows.plan import check_reachable, preflight, tracking_uri
 from smpo_core.environment import environment
 from smpo_core.errors import SmpoError
 from smpo_core.settings import STAGES, load_settings, with_upstream
@@ -83,8 +84,9 @@ def expand_grid(grid: dict[str, list[Any]]) -> list[Variant]:
     variants = []
     for combination in itertools.product(*grid.values()):
         values = dict(zip(grid, combination, strict=True))
-        label = ", ".join(f"{key.split('.')[-1]} {value}" for key, value in values.items())
-        variants.append(Variant(label.replace("=", " ").replace("/", "|"), values))
+        # A label MLflow takes as a parameter name and `smpo compare` as a model label.
+        label = " ".join(f"{key.split('.')[-1]} {value}" for key, value in values.items())
+        variants.append(Variant(re.sub(r"[^\w .-]", "_", label), values))
     return variants
 
 
@@ -113,12 +115,19 @@ def plan_sweep(grid: dict[str, list[Any]], profile: str = "tiny",
         raise SmpoError(f"sweep devices {devices}: {concurrency} variants run at once, so give "
                         f"at least {concurrency} devices (one each), or lower the concurrency")
     variants = expand_grid(grid)
-    for variant in variants:
+    root = Path(store or environment().store).expanduser().resolve()
+    settings = {}
+    for variant in variants:  # every variant's settings, then (reading inputs) their inputs
         try:
-            load_settings(profile, [*(overrides or []), *variant.overrides])
+            settings[variant.label] = load_settings(profile,
+                                                    [*(overrides or []), *variant.overrides])
         except SmpoError as exc:
             raise SmpoError(f"sweep variant {variant.label!r}: {exc}") from None
-    root = Path(store or environment().store).expanduser().resolve()
+    for variant in variants:
+        try:
+            preflight(settings[variant.label], root, list(VARIANT_STAGES))
+        except SmpoError as exc:
+            raise SmpoError(f"sweep variant {variant.label!r}: {exc}") from None
     uri = tracking_uri(root)
     check_reachable(uri)
     key = stage_key("sweep", {"grid": grid, "profile": profile,
@@ -185,11 +194,14 @@ def run_variant(variant: Variant, profile: str, overrides: list[str], store: str
 
 
 def _headline(row: dict[str, Any] | None) -> dict[str, float]:
+    """The variant's evaluate summary in a line: per metric, the tuned model's mean and its
+    difference and win rate against the base."""
     if not row:
         return {}
     results = row["summary"].get("results", {})
-    return {f"{metric}.{stat}": value for metric, values in results.items()
-            for stat, value in values.items()}
+    return {f"{name.removesuffix('.tuned')}.{stat}": values[stat]
+            for name, values in results.items() if name.endswith(".tuned")
+            for stat in ("mean", "diff_mean", "win_rate") if stat in values}
 
 
 def _write_table(out_dir: Path, rows: list[dict[str, Any]]) -> Path:
