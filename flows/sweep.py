@@ -7,8 +7,9 @@ deployment `smpo-sweep/sweep`.
 The shared stages run once (the `smpo` flow for score and invert, upstream included); every
 variant is then its own `smpo` flow run (train, then evaluate) and its own MLflow run, nested
 under the sweep's parent run. Variants run concurrently within a Prefect global concurrency
-limit of `concurrency` slots (one per GPU; by default one), visible and adjustable in the
-Prefect UI; with `devices`, each running variant holds one of them (its `model.device`). A
+limit of `concurrency` slots (one per GPU; by default one), visible in the Prefect UI; with
+`devices` (or SMPO_SWEEP_DEVICES on the worker) each running variant holds one of them as its
+`model.device`. A
 variant that fails does not stop the others; the sweep ends with one comparison (flows/compare.py)
 of every trained variant against the base and a table of each variant's evaluate summary, and
 fails if a variant did. Stage keys make a rerun redo only what failed or changed.
@@ -111,6 +112,7 @@ def plan_sweep(grid: dict[str, list[Any]], profile: str = "tiny",
     and the devices make sense. Bad input is one SmpoError line."""
     if concurrency < 1:
         raise SmpoError(f"sweep concurrency {concurrency}: expected 1 or more variants at once")
+    devices = devices or sweep_devices()
     if devices is not None and len(devices) < concurrency:
         raise SmpoError(f"sweep devices {devices}: {concurrency} variants run at once, so give "
                         f"at least {concurrency} devices (one each), or lower the concurrency")
@@ -133,6 +135,12 @@ def plan_sweep(grid: dict[str, list[Any]], profile: str = "tiny",
     key = stage_key("sweep", {"grid": grid, "profile": profile,
                               "overrides": sorted(overrides or [])}, {}, VERSION)
     return SweepPlan(variants, root, uri, key)
+
+
+def sweep_devices() -> list[str] | None:
+    """The worker's devices for variants (SMPO_SWEEP_DEVICES), if it names any."""
+    named = environment().sweep_devices
+    return [d.strip() for d in named.split(",") if d.strip()] if named else None
 
 
 def limit_name(plan: SweepPlan) -> str:
@@ -249,6 +257,7 @@ def sweep(grid: dict[str, list[Any]] | None = None, profile: str = "tiny",
 
     grid = grid or DEFAULT_GRID
     overrides = list(overrides or [])
+    devices = devices or sweep_devices()
     plan = plan_sweep(grid, profile, overrides, store, concurrency, devices)
     root = str(plan.store)
     plan.store.mkdir(parents=True, exist_ok=True)

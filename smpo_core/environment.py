@@ -59,6 +59,10 @@ class Environment(BaseSettings):
     accelerate_config: Path | None = Field(
         None, description="An `accelerate config` file for every multi-process launch (e.g. "
         "GPU ids); the settings above and <stage>.num_processes override its values.")
+    sweep_devices: str | None = Field(
+        None, description="Devices a sweep places its running variants on, one each, when its "
+        "`devices` parameter is not given: comma-separated, e.g. cuda:0,cuda:1 (a multi-GPU "
+        "worker's GPUs); unset: every variant on model.device.")
     tracking_uri: str | None = Field(
         None, validation_alias="MLFLOW_TRACKING_URI", description="Where runs are logged: an "
         "MLflow server (http://...) or database URI; unset: sqlite:///<store>/mlflow.db.")

@@ -126,7 +126,18 @@ def test_a_failing_variant_leaves_the_others_finished_on_one_cache(swept):
     for stage in ("download", "score", "invert"):
         assert len([p for p in (store / stage).iterdir() if (p / "manifest.json").is_file()]) \
             == 1, stage
-    assert swept["most"] == 2  # two at a time: the concurrency limit, and no fewer
+    assert swept["most"] <= 2  # never more trainings at once than the concurrency limit
+
+
+def _most_at_once(runs) -> int:
+    """The most runs open at one moment, from their MLflow start and end times."""
+    events = sorted([(r.info.start_time, 1) for r in runs] + [(r.info.end_time, -1)
+                                                             for r in runs])
+    most = now = 0
+    for _, step in events:
+        now += step
+        most = max(most, now)
+    return most
 
 
 @pytest.mark.integration
@@ -143,6 +154,8 @@ def test_every_variant_is_an_mlflow_run_under_the_sweep_and_failures_are_marked(
         assert {n for n, r in variants.items() if r.info.status == "FAILED"} == \
             {f"variant {label}" for label in failed}
         assert "shared stages" in children
+        if failed:  # the first sweep: variants ran two at a time, never more
+            assert _most_at_once(list(variants.values())) == 2
         assert parent.data.tags["smpo.failed_variants"] == ", ".join(failed)
         comparison = next(r for r in children.values()
                           if r.data.tags.get("smpo.kind") == "comparison")
@@ -169,3 +182,33 @@ def test_the_rerun_trains_only_the_failed_variant_and_compares_all_four(swept):
     assert set(compared["models"]) == {"base", *[v.label for v in expand_grid(GRID)]}
     for row in summary["variants"]:
         assert isinstance(row["pickscore.mean"], float)
+
+
+def test_running_variants_each_hold_their_own_device(monkeypatch, tmp_path):
+    """The GPU placement of a sweep, without GPUs: the worker's SMPO_SWEEP_DEVICES are the
+    slots, and variants running at the same time never share one."""
+    import queue
+    from concurrent.futures import ThreadPoolExecutor
+
+    from flows.sweep import device_slot
+
+    monkeypatch.setenv("SMPO_SWEEP_DEVICES", "cuda:0, cuda:1")
+    with pytest.raises(SmpoError, match=r"sweep devices \['cuda:0', 'cuda:1'\]: 3 variants"):
+        plan_sweep(GRID, store=str(tmp_path), concurrency=3)
+    slots: queue.Queue = queue.Queue()
+    for device in ["cuda:0", "cuda:1"]:
+        slots.put(device)
+    together = threading.Barrier(2)
+    held: list[str] = []
+
+    def variant(_: int) -> str:
+        with device_slot(slots) as device:
+            together.wait(timeout=10)  # both variants hold a device now
+            held.append(device)
+            together.wait(timeout=10)
+        return device
+
+    with ThreadPoolExecutor(2) as pool:
+        first = list(pool.map(variant, range(2)))
+        second = list(pool.map(variant, range(2)))  # the devices came back
+    assert sorted(first) == sorted(second) == ["cuda:0", "cuda:1"]
