@@ -28,7 +28,7 @@ pytestmark = [
 
 SMALL = ["download.max_pairs=16", "download.shard_rows=4", "invert.max_pairs=16",
          "invert.shard_pairs=8", "train.max_steps=2", "train.batch_size=2",
-         "train.grad_accum=1", "train.checkpoint_every=1"]
+         "train.effective_batch=4", "train.checkpoint_every=1"]
 STAGES = ("download", "score", "invert", "train")
 
 

@@ -20,7 +20,7 @@ pytestmark = pytest.mark.integration
 # 16 pairs in 4 pair shards of 4; 4 cache shards of 4 pairs; 4 prompts in 2 chunks of 2.
 SMALL = ["download.max_pairs=16", "download.shard_rows=4", "score.batch_size=3",
          "invert.shard_pairs=4", "invert.batch_size=2", "train.max_steps=1",
-         "train.grad_accum=1", "evaluate.num_prompts=4", "evaluate.chunk_prompts=2",
+         "evaluate.num_prompts=4", "evaluate.chunk_prompts=2",
          "evaluate.num_inference_steps=2", "evaluate.metrics={pickscore: builtin:tiny-clip}",
          "evaluate.bootstrap_resamples=50"]
 
