@@ -26,7 +26,8 @@ SMALL = ["download.max_pairs=16", "download.shard_rows=4", "score.batch_size=3",
 
 
 def _files(folder: Path, pattern: str) -> dict[str, bytes]:
-    return {p.name: p.read_bytes() for p in sorted(folder.glob(pattern))}
+    # Keyed by the path below `folder`: the base's and the tuned model's images share names.
+    return {str(p.relative_to(folder)): p.read_bytes() for p in sorted(folder.glob(pattern))}
 
 
 def _tensors(folder: Path) -> dict[str, dict[str, torch.Tensor]]:
@@ -53,8 +54,14 @@ def sharded(tmp_path_factory):
                           experiment)
 
     out: dict = {"store": store}
+    threads = torch.get_num_threads()
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
+        # torch.distributed.run gives each launched process one CPU thread; a CPU matmul split
+        # over more threads sums in another order, so one process uses one thread too, and
+        # the comparison is of the sharding, not of the thread count.
+        mp.setenv("OMP_NUM_THREADS", "1")
+        torch.set_num_threads(1)
         pairs = {"download": task["download"](ctx())}
         for stage in ("score", "invert"):
             one = task[stage](ctx(), pairs)
@@ -88,6 +95,7 @@ def sharded(tmp_path_factory):
         two = task["evaluate"](ctx("evaluate.num_processes=2"), {"train": train}, force=True)
         out["evaluate", 2] = {"result": two, "images": _files(generations, "*/*/images/*.png"),
                               "scores": pq.read_table(Path(two.path) / "scores.parquet")}
+    torch.set_num_threads(threads)
     return out
 
 
