@@ -11,16 +11,23 @@
                                      close runs that dead processes left RUNNING
     smpo compare base tuned=train:latest lora:/models/x --set evaluate.prompts=hpdv2-test
                                      models on the same prompts and seeds: table, grid, report
+    smpo sweep --grid train.beta=1000,2000,5000 --grid train.labels=smoothed,human
+               [--concurrency 2 --devices cuda:0,cuda:1]
+                                     every combination trained and evaluated on one cache,
+                                     compared in one table
 """
 
 from __future__ import annotations
 
 import argparse
+import json
 import logging
 import os
 import sys
 from pathlib import Path
 from typing import Any
+
+import yaml
 
 from flows.plan import plan_run, tracking_uri
 from smpo_core.environment import Environment, environment
@@ -75,7 +82,41 @@ def _parser() -> argparse.ArgumentParser:
     compare.add_argument("--store", default=None,
                          help=f"stage store folder (default ${Environment.variable('store')} or "
                               f"{Environment.model_fields['store'].default})")
+    sweep = sub.add_parser(
+        "sweep", help="train and evaluate a grid of settings on one download, score and cache; "
+        "one comparison of all variants")
+    sweep.add_argument("--grid", action="append", default=[], required=True,
+                       metavar="SECTION.KEY=V1,V2,...",
+                       help="values of one train or evaluate setting (repeatable; each value "
+                            "read as YAML, or a YAML list: train.beta=[1000, 2000])")
+    sweep.add_argument("--concurrency", type=int, default=1,
+                       help="variants running at once (a Prefect concurrency limit; one per "
+                            "GPU), default 1")
+    sweep.add_argument("--devices", default=None, metavar="DEV,DEV,...",
+                       help="devices the running variants are placed on, one each "
+                            "(e.g. cuda:0,cuda:1); default: model.device")
+    _common(sweep)
+    sweep.add_argument("--store", default=None,
+                       help=f"stage store folder (default ${Environment.variable('store')} or "
+                            f"{Environment.model_fields['store'].default})")
     return parser
+
+
+def parse_grid(items: list[str]) -> dict[str, list[Any]]:
+    """`train.beta=1000,2000` (or `train.beta=[1000, 2000]`) -> {"train.beta": [1000, 2000]}."""
+    grid: dict[str, list[Any]] = {}
+    for text in items:
+        key, sep, values = text.partition("=")
+        if not sep or not key.strip() or not values.strip():
+            raise SmpoError(f"--grid {text!r}: expected SECTION.KEY=V1,V2,...")
+        try:
+            parsed = yaml.safe_load(values)
+            if not isinstance(parsed, list):
+                parsed = [yaml.safe_load(v) for v in values.split(",")]
+        except yaml.YAMLError as exc:
+            raise SmpoError(f"--grid {text!r}: values are not YAML ({exc})") from None
+        grid[key.strip()] = parsed
+    return grid
 
 
 def _common(parser: argparse.ArgumentParser) -> None:
@@ -168,6 +209,8 @@ def main(argv: list[str] | None = None) -> int:
             return _compare(args)
         if args.command == "sync":
             return _sync(Path(args.store or environment().store).expanduser().resolve())
+        if args.command == "sweep":
+            return _sweep(args)
         store = args.store or str(environment().store)
         if args.command == "runs":
             print_runs(Path(store).expanduser().resolve())
@@ -240,6 +283,48 @@ def _compare(args: argparse.Namespace) -> int:
     print(f"\ntable: {folder / 'table.csv'}\nimage grid: {folder / 'grid.png'}\n"
           f"report: {folder / 'report.html'}\nMLflow run: {result['run_id']}")
     return 0
+
+
+def _sweep(args: argparse.Namespace) -> int:
+    from flows.sweep import plan_sweep, sweep
+
+    grid = parse_grid(args.grid)
+    devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
+    request = dict(grid=grid, profile=args.profile, overrides=args.overrides,
+                   store=args.store, concurrency=args.concurrency, devices=devices)
+    plan = plan_sweep(**request)  # bad grid, limit or devices: fails before Prefect starts
+    for name in ("prefect.flow_runs", "prefect.task_runs"):
+        logging.getLogger(name).addFilter(_ONE_LINE)
+    failure = None
+    try:
+        sweep(**request)
+    except SmpoError as exc:  # failed variants: the table below still says what finished
+        failure = exc
+    if not (plan.out_dir / "summary.json").is_file():  # failed before any variant ran
+        raise failure or SmpoError(f"sweep: no summary in {plan.out_dir}")
+    summary = json.loads((plan.out_dir / "summary.json").read_text())
+    print_sweep(summary["variants"])
+    print(f"\ntable: {plan.out_dir / 'variants.csv'}")
+    if summary["comparison"]:
+        print(f"comparison report: {Path(summary['comparison']) / 'report.html'}")
+    print(f"MLflow parent run: {summary['mlflow_run_id']}")
+    if failure:
+        print(f"smpo: error: {failure}", file=sys.stderr)
+        return 1
+    return 0
+
+
+def print_sweep(rows: list[dict]) -> None:
+    """One line per variant: its state, its training's key and final loss, its headline
+    evaluation numbers (or its error)."""
+    print(f"\n{'variant':<32} {'state':<10} {'train key':<17} {'final loss':>10}  results")
+    for row in rows:
+        results = " ".join(f"{k} {v:.4g}" for k, v in row.items()
+                           if k.endswith((".mean", ".win_rate")) and isinstance(v, float))
+        loss = row.get("final_loss")
+        loss = f"{loss:>10.5f}" if isinstance(loss, float) else f"{'':>10}"
+        print(f"{row['variant']:<32} {row['state']:<10} {row.get('train_key', ''):<17} "
+              f"{loss}  {results or row.get('error', '')}")
 
 
 def print_comparison(summary: dict) -> None:

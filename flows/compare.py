@@ -119,9 +119,10 @@ def _prefect_table(summary: dict[str, Any], report: Path) -> None:
 
 @flow(name="smpo-compare", log_prints=True)
 def compare(models: list[str], profile: str = "tiny", overrides: list[str] | None = None,
-            store: str | None = None) -> dict[str, Any]:
+            store: str | None = None, parent_run_id: str | None = None) -> dict[str, Any]:
     """Evaluate `models` (the first is the reference) on the same prompts and seeds: one
-    table, one grid, one HTML report, one MLflow run."""
+    table, one grid, one HTML report, one MLflow run (nested under `parent_run_id`, e.g. a
+    sweep's, if given)."""
     plan = plan_comparison(models, profile, overrides, store)
     quiet_libraries()
     settings, ctx = plan.settings, plan.ctx
@@ -132,7 +133,8 @@ def compare(models: list[str], profile: str = "tiny", overrides: list[str] | Non
             "smpo.prompts": plan.prompts.spec, "prefect.flow_run_id": runtime.flow_run.id or ""}
     if runtime.flow_run.ui_url:
         tags["prefect.flow_run_url"] = runtime.flow_run.ui_url
-    with tracking.run(client, ctx.experiment_id, _run_name(plan), tags) as tracker:
+    with tracking.run(client, ctx.experiment_id, _run_name(plan), tags,
+                      parent_run_id) as tracker:
         tracker.params({"models": {m.label: m.ref or m.base for m in plan.models},
                         "evaluate": settings.evaluate.model_dump(),
                         "model": settings.model.result_settings()})

@@ -20,7 +20,8 @@ from typing import Any
 from mlflow.tracking import MlflowClient
 from prefect import flow, runtime
 
-from flows.plan import RunPlan, plan_run, run_name
+from flows.plan import RunPlan, plan_run
+from flows.plan import run_name as describe_run
 from smpo_core.evaluation import result_rows
 from smpo_core.settings import STAGES
 from smpo_core.store import Store
@@ -69,8 +70,9 @@ def run_checked(plan: RunPlan, stages: list[str] | None = None, profile: str = "
 def _flow_run_name() -> str:
     """The Prefect flow run's name: what sets it apart, as its MLflow parent run says."""
     parameters = runtime.flow_run.parameters
-    return run_name(parameters.get("profile") or "tiny", parameters.get("stages"),
-                    parameters.get("overrides"), parameters.get("force"))
+    return parameters.get("run_name") or describe_run(
+        parameters.get("profile") or "tiny", parameters.get("stages"),
+        parameters.get("overrides"), parameters.get("force"))
 
 
 @flow(name="smpo", log_prints=True, flow_run_name=_flow_run_name)
@@ -80,10 +82,13 @@ def smpo(
     overrides: list[str] | None = None,
     store: str | None = None,
     force: list[str] | None = None,
+    parent_run_id: str | None = None,
+    run_name: str | None = None,
 ) -> list[dict[str, Any]]:
     """Run the SmPO pipeline: `stages` (default all, upstream included) of `profile`, with
     `section.key=value` overrides, into the stage store `store` (default $SMPO_STORE);
-    `force`: stages to recompute although their outputs exist."""
+    `force`: stages to recompute although their outputs exist. `parent_run_id` nests this
+    run's MLflow run under another (a sweep's), `run_name` names it."""
     run = (_CHECKED.pop(_request(stages, profile, overrides, store, force), None)
            or plan_run(stages, profile, overrides, store, force))
     quiet_libraries()
@@ -100,8 +105,9 @@ def smpo(
             "smpo.overrides": " ".join(overrides or []), "smpo.store": str(run.store)}
     if runtime.flow_run.ui_url:
         tags["prefect.flow_run_url"] = runtime.flow_run.ui_url
-    name = run_name(settings.profile, stages, overrides, force)
-    with tracking.run(client, experiment, name, tags) as parent:
+    # A sweep names its variants; otherwise the name says what sets this run apart.
+    name = run_name or describe_run(settings.profile, stages, overrides, force)
+    with tracking.run(client, experiment, name, tags, parent_run_id) as parent:
         # Every resolved setting, so that the runs table can show what differs between runs.
         parent.params({"stages": ",".join(run.stages)} | settings.model_dump(mode="json"))
         ctx = RunContext(settings, str(run.store), run.tracking_uri, experiment, parent.run_id,
@@ -114,8 +120,9 @@ def smpo(
         parent.metrics(headline_metrics(results))
         parent.tags({"smpo.ran": ",".join(s for s, r in results.items() if not r.reused)})
     if parent.lost:
+        nested = {"mlflow.parentRunId": parent_run_id} if parent_run_id else {}
         resync.record(run.store, "flow", ctx.flow_id, {
-            "run_id": parent.run_id, "name": name, "tags": tags, "status": "FINISHED"})
+            "run_id": parent.run_id, "name": name, "tags": tags | nested, "status": "FINISHED"})
     if "evaluate" in results:
         _results_artifact(results["evaluate"], report_link(run.tracking_uri, experiment,
                                                            results["evaluate"]))

@@ -52,6 +52,7 @@ BIN = Path(sys.executable).parent  # the environment's own `prefect` and `mlflow
 DEFAULT_POOL = Environment.model_fields["work_pool"].default
 ENTRYPOINT = "flows/pipeline.py:smpo"
 COMPARE_ENTRYPOINT = "flows/compare.py:compare"
+SWEEP_ENTRYPOINT = "flows/sweep.py:sweep"
 SERVICES = ("prefect-server", "mlflow-server", "worker")  # start order; stop goes backwards
 START_TIMEOUT = 180.0  # seconds; a cold start on 2 busy cores takes ~10-30
 
@@ -259,7 +260,8 @@ def deployments() -> list[dict]:
     """smpo/full, one deployment per registered stage: that stage (its upstream stages
     reused or built) and the stages it is deployed with. Each is a preset of the flow's
     `stages` parameter; the other parameters keep the flow's defaults. Then
-    smpo-compare/compare, the comparison flow (flows/compare.py)."""
+    smpo-compare/compare, the comparison flow (flows/compare.py), and smpo-sweep/sweep
+    (flows/sweep.py)."""
     def preset(name: str, description: str, parameters: dict,
                entrypoint: str = ENTRYPOINT) -> dict:
         return {"name": name, "description": description, "entrypoint": entrypoint,
@@ -276,6 +278,12 @@ def deployments() -> list[dict]:
                           "is the reference); one table, grid and HTML report, one MLflow run. "
                           "Drawn images and scores are reused.",
                           {"models": ["base", "tuned=train:latest"]}, COMPARE_ENTRYPOINT))
+    # The `smpo-sweep` flow: smpo-sweep/sweep, a grid of train and evaluate settings on one cache.
+    presets.append(preset("sweep", "A grid of train and evaluate settings (parameter `grid`) "
+                          "on one download, score and cache; `concurrency` variants at once "
+                          "(on `devices`, one each), one MLflow run per variant under the "
+                          "sweep's, one comparison of all.", {"concurrency": 1},
+                          SWEEP_ENTRYPOINT))
     return presets
 
 

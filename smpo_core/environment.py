@@ -46,6 +46,27 @@ class Environment(BaseSettings):
         None, pattern=r"^[a-z]+\.[a-z]+:[1-9][0-9]*$", description="Tests only: `POINT:N` "
         "kills the process (SIGKILL) the N-th time it passes POINT, e.g. invert.shard:1 "
         "(smpo_core/faults.py lists the points).")
+    num_machines: int = Field(
+        1, gt=0, description="Machines a multi-process stage (train, score, invert, evaluate "
+        "with <stage>.num_processes > 1) runs on; each runs the same `smpo run`, with its own "
+        "SMPO_MACHINE_RANK, on a store all of them see (accelerate's --num_machines).")
+    machine_rank: int = Field(
+        0, ge=0, description="This machine's rank among SMPO_NUM_MACHINES; 0 is the main one "
+        "(accelerate's --machine_rank).")
+    main_process_ip: str | None = Field(
+        None, description="Address of machine 0, which the others connect to; needed with "
+        "SMPO_NUM_MACHINES > 1 (accelerate's --main_process_ip).")
+    main_process_port: int | None = Field(
+        None, gt=0, lt=65536, description="Port on machine 0 for the processes' rendezvous; "
+        "needed with SMPO_NUM_MACHINES > 1; unset on one machine: a free port "
+        "(accelerate's --main_process_port).")
+    accelerate_config: Path | None = Field(
+        None, description="An `accelerate config` file for every multi-process launch (e.g. "
+        "GPU ids); the settings above and <stage>.num_processes override its values.")
+    sweep_devices: str | None = Field(
+        None, description="Devices a sweep places its running variants on, one each, when its "
+        "`devices` parameter is not given: comma-separated, e.g. cuda:0,cuda:1 (a multi-GPU "
+        "worker's GPUs); unset: every variant on model.device.")
     tracking_uri: str | None = Field(
         None, validation_alias="MLFLOW_TRACKING_URI", description="Where runs are logged: an "
         "MLflow server (http://...) or database URI; unset: sqlite:///<store>/mlflow.db.")

@@ -165,24 +165,32 @@ def check_evaluation(models: Sequence[ModelSpec], metrics: Sequence[MetricSpec],
         check_model(model)
 
 
-def _generate(models: Sequence[ModelSpec], folders: dict[str, ImageFolder],
-              prompts: PromptSet, cfg: EvaluationConfig, device: torch.device,
-              dtype: torch.dtype, reporter: Reporter) -> dict[str, dict[str, int]]:
-    """Draw what is missing, one model (one pipeline in memory) at a time."""
+def generate(models: Sequence[ModelSpec], folders: dict[str, ImageFolder],
+             prompts: PromptSet, cfg: EvaluationConfig, device: torch.device,
+             dtype: torch.dtype, reporter: Reporter,
+             owned: Callable[[int], bool] = lambda chunk: True) -> dict[str, dict[str, int]]:
+    """Draw what is missing of the prompt chunks `owned` says this process draws (default
+    all), one model (one pipeline in memory) at a time. Images are seeded one by one and drawn
+    in the same batches whichever process owns their chunk, so N processes draw what one
+    does."""
     counts = {}
-    jobs = image_jobs(prompts, cfg.images_per_prompt, cfg.seed)
-    bar = reporter.progress("generate", len(models) * len(jobs))
+    chunks = [chunk for index, chunk in enumerate(prompt_chunks(len(prompts),
+                                                                cfg.chunk_prompts))
+              if owned(index)]
+    mine = [job for chunk in chunks
+            for job in image_jobs(prompts, cfg.images_per_prompt, cfg.seed, chunk)]
+    bar = reporter.progress("generate", len(models) * len(mine))
     for model in models:
         folder = folders[model.label]
-        missing = len(folder.missing(jobs))
-        counts[model.label] = {"drawn": 0, "reused": len(jobs) - missing}
+        missing = len(folder.missing(mine))
+        counts[model.label] = {"drawn": 0, "reused": len(mine) - missing}
         if not missing:
-            bar.update(len(jobs))
-            reporter.log(f"{model.label}: all {len(jobs)} images reused from {folder.folder}")
+            bar.update(len(mine))
+            reporter.log(f"{model.label}: all {len(mine)} images reused from {folder.folder}")
             continue
         pipe = prepare_for_inference(build_pipeline(model, device, dtype),
                                      cfg.fast_paths)
-        for chunk in prompt_chunks(len(prompts), cfg.chunk_prompts):
+        for chunk in chunks:
             chunk_jobs = image_jobs(prompts, cfg.images_per_prompt, cfg.seed, chunk)
             counts[model.label]["drawn"] += draw(pipe, chunk_jobs, folder, cfg.batch_size,
                                                  bar.update)
@@ -330,7 +338,7 @@ def compare_models(
     reporter = reporter or Reporter()
     check_evaluation(models, metrics, cfg)
     folders = {m.label: ImageFolder(image_root, m, cfg.sampling) for m in models}
-    counts = _generate(models, folders, prompts, cfg, device, dtype, reporter)
+    counts = generate(models, folders, prompts, cfg, device, dtype, reporter)
     jobs = image_jobs(prompts, cfg.images_per_prompt, cfg.seed)
     shape = (len(prompts), cfg.images_per_prompt)
     scores: dict[str, dict[str, np.ndarray]] = {m.label: {} for m in models}

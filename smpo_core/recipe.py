@@ -325,15 +325,21 @@ def launch_spec(job: TrainJob, result: Path, events: Path) -> dict[str, Any]:
             "result": str(result), "events": str(events)}
 
 
+def job_of_spec(spec: dict[str, Any]) -> TrainJob:
+    """The job a `launch_spec` describes."""
+    settings = settings_model().model_validate(spec["settings"])
+    return TrainJob(settings, spec["base"], Path(spec["cache_dir"]), Path(spec["labels_file"]),
+                    Path(spec["out_dir"]), spec["unet"])
+
+
 def main(argv: list[str] | None = None) -> None:
     """Entry point of each process `accelerate launch` starts for the train stage."""
     parser = argparse.ArgumentParser(description="One training process under `accelerate "
                                      "launch`; started by the train stage.")
     parser.add_argument("--spec", type=Path, required=True, help="the stage's launch.json")
     spec = json.loads(parser.parse_args(argv).spec.read_text())
-    settings = settings_model().model_validate(spec["settings"])
-    job = TrainJob(settings, spec["base"], Path(spec["cache_dir"]), Path(spec["labels_file"]),
-                   Path(spec["out_dir"]), spec["unet"])
+    job = job_of_spec(spec)
+    settings = job.settings
     events = MetricsEvents(Path(spec["events"]))
 
     def report(step: int, metrics: Metrics) -> None:

@@ -50,16 +50,88 @@ def _batched(items: Iterator, size: int) -> Iterator[list]:
         yield batch
 
 
-def _image_queue(shard: Path, known: set[str]) -> Iterator[tuple[str, Image.Image, str]]:
-    """(uid, image, caption) of each image in a pair shard whose uid is not yet known."""
+def _image_queue(shard: Path, wanted: set[str]) -> Iterator[tuple[str, Image.Image, str]]:
+    """(uid, image, caption) of each image of a pair shard whose uid is in `wanted`, once."""
     columns = ["caption", "image_0_uid", "image_1_uid", "jpg_0", "jpg_1"]
+    wanted = set(wanted)
     for batch in pq.ParquetFile(shard).iter_batches(batch_size=256, columns=columns):
         for row in batch.to_pylist():
             for i in (0, 1):
                 uid = row[f"image_{i}_uid"]
-                if uid not in known:
-                    known.add(uid)
+                if uid in wanted:
+                    wanted.discard(uid)
                     yield uid, decode_image(row[f"jpg_{i}"]), row["caption"]
+
+
+def rewards_file(out_dir: Path, shard: int) -> Path:
+    """Where the rewards of the images first seen in pair shard `shard` are kept."""
+    return Path(out_dir) / f"rewards-{shard:05d}.parquet"
+
+
+def first_seen(shards: list[Path]) -> list[set[str]]:
+    """Per pair shard, the image uids no earlier shard holds: pairs share images, and each is
+    scored once, in the first shard that holds it. Reads only the uid columns, so any process
+    knows every shard's images without scoring the shards before it."""
+    seen: set[str] = set()
+    firsts = []
+    for shard in shards:
+        table = pq.read_table(shard, columns=["image_0_uid", "image_1_uid"])
+        uids = set(table.column("image_0_uid").to_pylist()) | set(
+            table.column("image_1_uid").to_pylist())
+        firsts.append(uids - seen)
+        seen |= uids
+    return firsts
+
+
+def score_shards(
+    pairs_dir: Path,
+    reward: RewardModel,
+    batch_size: int,
+    out_dir: Path,
+    owned: Callable[[int], bool] = lambda shard: True,
+    on_scored: Callable[[int], None] | None = None,
+) -> int:
+    """Score the images first seen in each pair shard this process owns, one
+    `rewards-NNNNN.parquet` (image uid -> reward) per shard, written when the shard is done;
+    shards whose file exists are skipped (resume). Returns how many shards were scored now.
+
+    A shard's images go to the model in the same batches whichever process owns it, so N
+    processes write the same files as one.
+    """
+    shards = pair_shards(pairs_dir)
+    scored = 0
+    for index, (shard, wanted) in enumerate(zip(shards, first_seen(shards), strict=True)):
+        part = rewards_file(out_dir, index)
+        if not owned(index) or part.is_file():
+            continue
+        done: dict[str, float] = {}
+        # Decoded images are held one batch at a time: a shard's worth would not fit.
+        for chunk in _batched(_image_queue(shard, wanted), batch_size):
+            uids, images, captions = zip(*chunk, strict=True)
+            values = reward.score(list(images), list(captions), batch_size=batch_size)
+            done.update(zip(uids, values.tolist(), strict=True))
+            if on_scored:
+                on_scored(len(chunk))
+        with atomic_path(part) as tmp:
+            pq.write_table(pa.table({"uid": pa.array(list(done), pa.string()),
+                                     "reward": pa.array(list(done.values()), pa.float64())}),
+                           tmp)
+        faults.reached("score.shard")
+        scored += 1
+    return scored
+
+
+def read_scores(pairs_dir: Path, out_dir: Path) -> dict[str, float]:
+    """The reward of every image uid, from the rewards files of all pair shards."""
+    scores: dict[str, float] = {}
+    for index in range(len(pair_shards(pairs_dir))):
+        part = rewards_file(out_dir, index)
+        if not part.is_file():
+            raise SmpoError(f"{part}: missing; the score stage did not score pair shard {index}")
+        table = pq.read_table(part)
+        scores.update(zip(table.column("uid").to_pylist(), table.column("reward").to_pylist(),
+                          strict=True))
+    return scores
 
 
 def score_unique_images(
@@ -71,36 +143,11 @@ def score_unique_images(
 ) -> dict[str, float]:
     """Reward of every distinct image uid in the pairs (pairs share images: score each once).
 
-    Rewards are written per pair shard (`rewards-NNNNN.parquet`, image uid -> reward) as each
-    shard finishes, so a crashed run resumes after its last complete shard.
+    Rewards are written per pair shard as each shard finishes, so a crashed run resumes
+    after its last complete shard.
     """
-    scores: dict[str, float] = {}
-    known: set[str] = set()
-    for index, shard in enumerate(pair_shards(pairs_dir)):
-        part = Path(out_dir) / f"rewards-{index:05d}.parquet"
-        if part.is_file():  # done before a crash: reuse
-            table = pq.read_table(part)
-            done = dict(zip(table.column("uid").to_pylist(),
-                            table.column("reward").to_pylist(), strict=True))
-            if on_scored:
-                on_scored(len(done))
-        else:
-            done = {}
-            # Decoded images are held one batch at a time: a shard's worth would not fit.
-            for chunk in _batched(_image_queue(shard, set(known)), batch_size):
-                uids, images, captions = zip(*chunk, strict=True)
-                values = reward.score(list(images), list(captions), batch_size=batch_size)
-                done.update(zip(uids, values.tolist(), strict=True))
-                if on_scored:
-                    on_scored(len(chunk))
-            with atomic_path(part) as tmp:
-                pq.write_table(pa.table({"uid": pa.array(list(done), pa.string()),
-                                         "reward": pa.array(list(done.values()), pa.float64())}),
-                               tmp)
-            faults.reached("score.shard")
-        scores.update(done)
-        known.update(done)
-    return scores
+    score_shards(pairs_dir, reward, batch_size, out_dir, on_scored=on_scored)
+    return read_scores(pairs_dir, out_dir)
 
 
 def pair_rewards(pairs_dir: Path, scores: dict[str, float]) -> pa.Table:

@@ -148,6 +148,9 @@ class ScoreSettings(Section):
     gamma: float = Field(10.0, gt=0, description="Sensitivity gamma of the smoothed weight.")
     batch_size: int = runtime_setting(32, "Images per reward-model forward.")
     device: str = runtime_setting("auto", "auto | cpu | cuda | cuda:N.")
+    num_processes: Annotated[int, Field(gt=0)] = runtime_setting(
+        1, "Processes (GPUs) scoring pair shards side by side under `accelerate launch`; the "
+        "labels are the same as one process writes.")
 
 
 # The train settings that decide which pairs a run draws and at which levels (TrainingPlan).
@@ -174,6 +177,9 @@ class InvertSettings(Section):
         "a read pair and one stored level per read; training refuses it if it needs more.")
     batch_size: int = runtime_setting(8, "Pairs per inversion batch.")
     shard_pairs: int = runtime_setting(256, "Pairs per safetensors shard.")
+    num_processes: Annotated[int, Field(gt=0)] = runtime_setting(
+        1, "Processes (GPUs) inverting shards side by side under `accelerate launch`; the "
+        "cache is the same as one process writes.")
 
     def borrowed_settings(self, settings: Settings) -> dict[str, Any]:
         if self.levels == "all":
@@ -233,7 +239,8 @@ class TrainSettings(Section):
     checkpoint_every: int = runtime_setting(50, "Save resumable training state every N steps.")
     log_every: int = runtime_setting(1, "Log metrics every N optimiser steps.")
     num_processes: Annotated[int, Field(gt=0)] = runtime_setting(
-        1, "Processes (GPUs) for training; > 1 runs the training under `accelerate launch`.")
+        1, "Processes (GPUs) for training, on all machines together; > 1 runs the training "
+        "under `accelerate launch`.")
 
     @model_validator(mode="after")
     def _whole_accumulation(self) -> TrainSettings:
@@ -300,6 +307,9 @@ class EvaluateSettings(Section):
         32, "Images per metric-model forward.")
     chunk_prompts: Annotated[int, Field(gt=0)] = runtime_setting(
         64, "Prompts per chunk: scores are kept chunk by chunk (the unit of resumption).")
+    num_processes: Annotated[int, Field(gt=0)] = runtime_setting(
+        1, "Processes (GPUs) drawing prompt chunks side by side under `accelerate launch`; "
+        "the images are the same as one process draws.")
 
 
 # -- the stage registry -------------------------------------------------------------------

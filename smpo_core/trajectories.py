@@ -191,6 +191,10 @@ def write_cache_meta(folder: Path, meta: dict[str, Any], empty: PromptEmbeds) ->
     write_json(folder / "cache.json", meta)
 
 
+def _every_shard(shard: int) -> bool:
+    return True
+
+
 def build_cache(
     folder: Path,
     pair_rows: Iterator[dict[str, Any]],
@@ -199,18 +203,30 @@ def build_cache(
     shard_pairs: int,
     on_shard: Callable[[int, int], None] | None = None,
     keep: Callable[[int], list[int]] | None = None,
+    owned: Callable[[int], bool] | None = None,
 ) -> dict[str, int]:
     """Invert pairs shard by shard; shards already complete are skipped (resume after a crash).
 
-    The pairs to skip are those the complete shards' indexes hold, not shards x `shard_pairs`:
-    a run resumed with another shard size (a runtime setting) continues after exactly the
-    pairs on disk, its new shards `shard_pairs` long.
+    One process (`owned` None): the pairs to skip are those the complete shards' indexes
+    hold, not shards x `shard_pairs`: a run resumed with another shard size (a runtime
+    setting) continues after exactly the pairs on disk, its new shards `shard_pairs` long.
+    Several processes (`owned(shard)` says which shards this one writes): shard s holds the
+    pairs at positions [s * shard_pairs, (s + 1) * shard_pairs), inverted in the same batches
+    whichever process writes it; a shard whose index exists is skipped once its pair ids are
+    those of its positions (a cache written with another shard size is refused).
     `keep(position)`: the level indices to store of the pair at that position (a planned
     cache; `invert` must have inverted it at least that high)."""
-    done_ids = cached_pair_ids(folder)
-    done = complete_shards(folder)
+    folder = Path(folder)
+    numbered = sorted(int(f.stem.split("-")[1]) for f in folder.glob("index-*.parquet"))
+    if owned is None and numbered != list(range(len(numbered))):
+        # A several-process run left gaps: resume it shard by shard, as those processes would.
+        owned = _every_shard
+    fixed = owned is not None
+    done_ids = [] if fixed else cached_pair_ids(folder)
     skip = len(done_ids)
-    shard, pairs, written = done, 0, 0
+    shard = resumed = 0 if fixed else len(numbered)
+    pairs = written = 0
+    on_disk: list[int] = []  # fixed layout: the pair ids of the current shard's index
     ids: list[int] = []
     positions: list[int] = []
     rows: list[dict[str, Any]] = []
@@ -229,14 +245,34 @@ def build_cache(
         faults.reached("invert.shard")
         if on_shard:
             on_shard(shard, pairs)
-        shard += 1
         ids.clear()
         positions.clear()
         pending.clear()
+        if not fixed:
+            shard += 1
 
     for position, row in enumerate(pair_rows):
         pairs = position + 1
-        if position < skip:
+        if fixed:
+            shard, offset = divmod(position, shard_pairs)
+            if not owned(shard):
+                continue
+            index = folder / f"index-{shard:05d}.parquet"
+            if offset == 0:
+                on_disk = (pq.read_table(index, columns=["pair_id"]).column("pair_id")
+                           .to_pylist() if index.is_file() else [])
+                resumed += bool(on_disk)
+            if on_disk:  # complete before a crash: its pairs must be these
+                if offset >= len(on_disk) or on_disk[offset] != row["pair_id"] or len(
+                        on_disk) > shard_pairs:
+                    raise SmpoError(
+                        f"trajectory cache {str(folder)!r}: {index.name} holds "
+                        f"{len(on_disk)} pairs, not the {shard_pairs} pairs (invert."
+                        f"shard_pairs) from position {shard * shard_pairs} of the input; "
+                        f"resume with the shard size it was written with, or one process, "
+                        f"or rerun with --force invert")
+                continue
+        elif position < skip:
             if row["pair_id"] != done_ids[position]:
                 raise SmpoError(
                     f"trajectory cache {str(folder)!r}: pair {position} on disk is "
@@ -252,7 +288,9 @@ def build_cache(
             flush_shard()
     if ids:
         flush_shard()
-    return {"pairs": pairs, "shards": shard, "resumed_shards": done, "bytes_written": written}
+    shards = -(-pairs // shard_pairs) if fixed else shard
+    return {"pairs": pairs, "shards": shards, "resumed_shards": resumed,
+            "bytes_written": written}
 
 
 class TrajectoryCache:

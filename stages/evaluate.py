@@ -14,18 +14,20 @@ from smpo_core.evaluation import (
     MetricSpec,
     Reporter,
     compare_models,
+    generate,
     headline,
     write_outputs,
     write_report,
 )
-from smpo_core.generation import Sampling
+from smpo_core.generation import ImageFolder, ModelSpec, Sampling
 from smpo_core.model_refs import base_spec, train_output_spec
 from smpo_core.models import resolve_device, resolve_dtype
-from smpo_core.prompts import is_local, load_prompt_set
+from smpo_core.prompts import PromptSet, is_local, load_prompt_set
 from smpo_core.rewards import check_kinds
-from smpo_core.settings import Settings
+from smpo_core.settings import Settings, settings_model
 from smpo_core.worlds import builtins
 from stages.common import Progress, RunContext, StageRun, logger
+from stages.launch import launch, process_main, say
 
 GENERATIONS = "generations"  # <store>/generations: images and scores, shared by evaluations
 
@@ -62,17 +64,36 @@ def reporter(stage: str) -> Reporter:
                     log=lambda message: logger().info("%s: %s", stage, message))
 
 
+def _models(settings: Settings, store: Path, train_dir: Path) -> list[ModelSpec]:
+    return [base_spec(settings, store, "base"),
+            train_output_spec(train_dir, store, "tuned", "train")]
+
+
+def _prompts(settings: Settings, store: Path) -> PromptSet:
+    return load_prompt_set(builtins.resolve(settings.evaluate.prompts, store),
+                           settings.evaluate.num_prompts)
+
+
 def compute(run: StageRun) -> dict[str, Any]:
     settings, store = run.settings, run.ctx.store.root
-    prompts = load_prompt_set(run.ctx.resolve(settings.evaluate.prompts),
-                              settings.evaluate.num_prompts)
-    models = [base_spec(settings, store, "base"),
-              train_output_spec(run.input_dir("train"), store, "tuned", "train")]
+    prompts = _prompts(settings, store)
+    models = _models(settings, store, run.input_dir("train"))
     device = resolve_device(settings.model.device)
+    drawn = None
+    if settings.evaluate.num_processes > 1:
+        # The processes draw the images (prompt chunk c on process c mod N); this process
+        # then finds them all drawn and scores them.
+        drawn = launch(run, "stages.evaluate", settings.evaluate.num_processes, {
+            "settings": settings.model_dump(mode="json"), "store": str(store),
+            "train": str(run.input_dir("train"))}, cuda=device.type == "cuda")["drawn"]
     comparison = compare_models(
         models, prompts, metric_specs(run.ctx), evaluation_config(settings),
         store / GENERATIONS, device, resolve_dtype(settings.model.dtype, device),
         reporter("evaluate"), metric_cache_dir=store / "converted")
+    if drawn is not None:  # drawn in this run, by the launched processes
+        total = len(comparison.jobs)
+        comparison.counts = {label: {"drawn": drawn[label], "reused": total - drawn[label]}
+                             for label in comparison.counts}
     summary = write_outputs(comparison, run.out_dir)
     curves = run.input_dir("train") / "training.png"
     extra = {"Training (loss, implicit accuracy, MSEs per step)": curves} \
@@ -84,3 +105,37 @@ def compute(run: StageRun) -> dict[str, Any]:
                          for stat, value in values.items()})
     return {"prompts": len(prompts), "generation": summary["generation"], "results": results,
             "report": str(Path(run.out_dir) / "report.html")}
+
+
+def _process(spec: dict[str, Any]) -> dict[str, Any]:
+    """One evaluate-stage process under `accelerate launch`: it draws the prompt chunks c
+    with c mod processes = its index, for both models, on its own device; returns the images
+    all processes drew, per model."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    settings = settings_model().model_validate(spec["settings"])
+    store = Path(spec["store"])
+    state = PartialState()
+    requested = resolve_device(settings.model.device)
+    device = state.device if requested.type == "cuda" else requested
+    cfg = evaluation_config(settings)
+    models = _models(settings, store, Path(spec["train"]))
+    folders = {m.label: ImageFolder(store / GENERATIONS, m, cfg.sampling) for m in models}
+    counts = generate(models, folders, _prompts(settings, store), cfg, device,
+                      resolve_dtype(settings.model.dtype, device),
+                      Reporter(log=lambda message: say("process %d: %s", state.process_index,
+                                                       message)),
+                      lambda chunk: chunk % state.num_processes == state.process_index)
+    every = gather_object([counts])
+    return {"drawn": {m.label: sum(c[m.label]["drawn"] for c in every) for m in models}}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of each process `accelerate launch` starts for the evaluate stage."""
+    process_main(argv, "One evaluate-stage process under `accelerate launch`; started by "
+                 "the evaluate stage.", _process)
+
+
+if __name__ == "__main__":
+    main()

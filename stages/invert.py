@@ -1,8 +1,16 @@
-"""invert: ReNoise-inverted latent trajectories of every pair, cached for training."""
+"""invert: ReNoise-inverted latent trajectories of every pair, cached for training.
+
+With `invert.num_processes` > 1 the stage runs under `accelerate launch`: process r of N
+writes the shards s with s mod N = r (stages/launch.py), the same shards one process writes.
+"""
 
 from __future__ import annotations
 
+from collections.abc import Callable
+from pathlib import Path
 from typing import Any
+
+import torch
 
 from smpo_core.acceleration import FastPaths, prepare_for_inference
 from smpo_core.inversion import inversion_levels
@@ -14,6 +22,7 @@ from smpo_core.models import (
     resolve_dtype,
 )
 from smpo_core.pickapic import count_pairs, read_pairs_at, sample_positions
+from smpo_core.settings import Settings, settings_model
 from smpo_core.training import TrainingPlan, levels_read
 from smpo_core.trajectories import (
     build_cache,
@@ -22,21 +31,36 @@ from smpo_core.trajectories import (
     invert_pair_batch,
     write_cache_meta,
 )
+from smpo_core.worlds import builtins
 from stages.common import StageRun
+from stages.launch import PROGRESS_LINE, launch, process_main, say
 
 
-def compute(run: StageRun) -> dict[str, Any]:
-    cfg, model_cfg = run.settings.invert, run.settings.model
-    device = resolve_device(model_cfg.device)
-    base = run.ctx.resolve(model_cfg.base)
+def sampled_pairs(settings: Settings, pairs_dir: Path) -> tuple[int, list[int]]:
+    """The download's pair count and the positions of the pairs the cache holds (a seeded
+    sample of invert.max_pairs; every process draws the same)."""
+    cfg = settings.invert
+    source_pairs = count_pairs(pairs_dir)
+    return source_pairs, sample_positions(source_pairs, cfg.max_pairs, cfg.seed)
+
+
+def invert_shards(settings: Settings, store: Path, pairs_dir: Path, out_dir: Path,
+                  device: torch.device, main: bool = True,
+                  owned: Callable[[int], bool] | None = None,
+                  on_pairs: Callable[[int], None] | None = None,
+                  log: Callable[..., None] | None = None) -> dict[str, Any]:
+    """Write the cache's shards that `owned` accepts (None: every shard, one process; the
+    main process also writes cache.json and the empty caption); returns the build
+    statistics."""
+    cfg, model_cfg = settings.invert, settings.model
     # The policy's starting point inverts the images: model.unet when set (e.g. an SFT UNet).
-    model = load_diffusion(base, device, resolve_dtype(model_cfg.dtype, device),
-                           model_cfg.revision, vae=run.ctx.resolve(model_cfg.vae),
-                           unet=start_unet(model_cfg.unet, run.ctx.store.root))
+    model = load_diffusion(builtins.resolve(model_cfg.base, store), device,
+                           resolve_dtype(model_cfg.dtype, device), model_cfg.revision,
+                           vae=builtins.resolve(model_cfg.vae, store),
+                           unet=start_unet(model_cfg.unet, store))
     model = prepare_for_inference(model, FastPaths.from_settings(model_cfg))
     levels = inversion_levels(cfg.num_levels, model.scheduler.config.num_train_timesteps)
-    source_pairs = count_pairs(run.input_dir("download"))
-    positions = sample_positions(source_pairs, cfg.max_pairs, cfg.seed)
+    source_pairs, positions = sampled_pairs(settings, pairs_dir)
     pairs = len(positions)
     empty_text = encode_captions(model, [""])
     side = model_cfg.resolution // model.latent_factor
@@ -45,49 +69,108 @@ def compute(run: StageRun) -> dict[str, Any]:
     if cfg.levels == "planned":
         # Only what the training run these settings describe reads: the pairs it draws, each
         # inverted up to the highest level it is read at, and stored at the levels read.
-        plan = run.settings.section("invert").borrowed_settings(run.settings)["train.plan"]
-        read = levels_read(TrainingPlan.of_run(run.settings.train, levels, pairs,
+        plan = settings.section("invert").borrowed_settings(settings)["train.plan"]
+        read = levels_read(TrainingPlan.of_run(settings.train, levels, pairs,
                                                model.scheduler.config.num_train_timesteps),
-                           run.settings.train.max_steps)
+                           settings.train.max_steps)
         keep = [sorted(read.get(position, ())) for position in range(pairs)]
     stored = None if keep is None else sum(map(len, keep))
     size = expected_bytes(pairs, latent_shape, len(levels), empty_text.hidden.shape[1:], stored)
-    run.log("caching %d of %d pairs (seeded sample, invert.seed=%d) x %s levels at %s: "
-            "%.1f MiB expected (fp16)", pairs, source_pairs, cfg.seed,
-            len(levels) if keep is None else f"{stored / max(pairs, 1):.2f} planned",
-            "x".join(map(str, latent_shape)), size / 2**20)
-    run.tracker.metrics({"expected_bytes": size, "pairs": pairs})
-    write_cache_meta(run.out_dir, {
-        "base_model": model_cfg.base, "unet": model_cfg.unet, "revision": model_cfg.revision,
-        "vae": model_cfg.vae, "prediction_type": model.prediction_type,
-        "source_pairs": source_pairs, "sample_seed": cfg.seed,
-        "resolution": model_cfg.resolution, "levels": levels,
-        "renoise_steps": cfg.renoise_steps, "average": cfg.average,
-        "latent_shape": list(latent_shape), "dtype": "float16", "pairs": pairs,
-        "stored_levels": cfg.levels, "plan": plan,
-    }, empty_text)
-
-    progress = run.progress(total=pairs, unit="pairs")
+    if main:
+        if log:
+            log("caching %d of %d pairs (seeded sample, invert.seed=%d) x %s levels at %s: "
+                "%.1f MiB expected (fp16)", pairs, source_pairs, cfg.seed,
+                len(levels) if keep is None else f"{stored / max(pairs, 1):.2f} planned",
+                "x".join(map(str, latent_shape)), size / 2**20)
+        write_cache_meta(out_dir, {
+            "base_model": model_cfg.base, "unet": model_cfg.unet, "revision": model_cfg.revision,
+            "vae": model_cfg.vae, "prediction_type": model.prediction_type,
+            "source_pairs": source_pairs, "sample_seed": cfg.seed,
+            "resolution": model_cfg.resolution, "levels": levels,
+            "renoise_steps": cfg.renoise_steps, "average": cfg.average,
+            "latent_shape": list(latent_shape), "dtype": "float16", "pairs": pairs,
+            "stored_levels": cfg.levels, "plan": plan,
+        }, empty_text)
 
     def invert(rows):
         top = None if keep is None else [max(keep[row["position"]], default=-1)
                                          for row in rows]
         batch = invert_pair_batch(model, rows, levels, model_cfg.resolution, cfg.renoise_steps,
                                   cfg.average, cfg.seed, top)
-        progress.update(len(rows))
+        if on_pairs:
+            on_pairs(len(rows))
         return batch
 
     rows = ({**row, "position": position} for position, row in enumerate(read_pairs_at(
-        run.input_dir("download"), positions, columns=["pair_id", "caption", "jpg_0", "jpg_1"])))
-    stats = build_cache(run.out_dir, rows, invert, cfg.batch_size, cfg.shard_pairs,
-                        keep=None if keep is None else keep.__getitem__)
-    progress.close()
-    check_cache(run.out_dir, stats["pairs"])
+        pairs_dir, positions, columns=["pair_id", "caption", "jpg_0", "jpg_1"])))
+    stats = build_cache(out_dir, rows, invert, cfg.batch_size, cfg.shard_pairs,
+                        keep=None if keep is None else keep.__getitem__, owned=owned)
     levels_inverted = (len(levels) * pairs if keep is None
                        else sum(max(kept, default=-1) + 1 for kept in keep))
-    return {"pairs": stats["pairs"], "source_pairs": source_pairs, "shards": stats["shards"],
-            "resumed_shards": stats["resumed_shards"], "levels": levels,
-            "stored_levels": cfg.levels, "pair_levels_stored": stored or len(levels) * pairs,
-            "expected_bytes": size, "bytes": stats["bytes_written"],
-            "unet_forwards_per_image": levels_inverted * (1 + cfg.renoise_steps)
-            / max(pairs, 1)}
+    return stats | {"levels": levels, "expected_bytes": size, "source_pairs": source_pairs,
+                    "pair_levels_stored": stored or len(levels) * pairs,
+                    "unet_forwards_per_image": levels_inverted * (1 + cfg.renoise_steps)
+                    / max(pairs, 1)}
+
+
+def compute(run: StageRun) -> dict[str, Any]:
+    cfg, model_cfg = run.settings.invert, run.settings.model
+    device = resolve_device(model_cfg.device)
+    _, positions = sampled_pairs(run.settings, run.input_dir("download"))
+    pairs = len(positions)
+    run.tracker.metrics({"pairs": pairs})
+    progress = run.progress(total=pairs, unit="pairs")
+    if cfg.num_processes > 1:
+        def on_line(line: str) -> None:
+            if done := PROGRESS_LINE.search(line):
+                progress.update(int(done[1]))
+
+        stats = launch(run, "stages.invert", cfg.num_processes, {
+            "settings": run.settings.model_dump(mode="json"), "store": str(run.ctx.store.root),
+            "pairs_dir": str(run.input_dir("download")), "out_dir": str(run.out_dir)},
+            on_line, cuda=device.type == "cuda")
+    else:
+        stats = invert_shards(run.settings, run.ctx.store.root, run.input_dir("download"),
+                              run.out_dir, device, on_pairs=progress.update, log=run.log)
+    progress.close()
+    # Every process is done: what is on disk must be what the manifest will say.
+    check_cache(run.out_dir, stats["pairs"])
+    run.tracker.metrics({"expected_bytes": stats["expected_bytes"]})
+    return {"pairs": stats["pairs"], "source_pairs": stats["source_pairs"],
+            "shards": stats["shards"], "resumed_shards": stats["resumed_shards"],
+            "levels": stats["levels"], "stored_levels": cfg.levels,
+            "pair_levels_stored": stats["pair_levels_stored"],
+            "expected_bytes": stats["expected_bytes"], "bytes": stats["bytes_written"],
+            "unet_forwards_per_image": stats["unet_forwards_per_image"],
+            "num_processes": cfg.num_processes}
+
+
+def _process(spec: dict[str, Any]) -> dict[str, Any]:
+    """One invert-stage process under `accelerate launch`: shards s with s mod processes =
+    its index, on its own device; returns the statistics of all processes together."""
+    from accelerate import PartialState
+    from accelerate.utils import gather_object
+
+    settings = settings_model().model_validate(spec["settings"])
+    state = PartialState()
+    requested = resolve_device(settings.model.device)
+    stats = invert_shards(
+        settings, Path(spec["store"]), Path(spec["pairs_dir"]), Path(spec["out_dir"]),
+        state.device if requested.type == "cuda" else requested,
+        main=state.is_main_process,
+        owned=lambda shard: shard % state.num_processes == state.process_index,
+        on_pairs=lambda count: say("process %d progress %d", state.process_index, count),
+        log=say)
+    every = gather_object([stats])
+    return stats | {key: sum(s[key] for s in every) for key in ("resumed_shards",
+                                                                 "bytes_written")}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of each process `accelerate launch` starts for the invert stage."""
+    process_main(argv, "One invert-stage process under `accelerate launch`; started by the "
+                 "invert stage.", _process)
+
+
+if __name__ == "__main__":
+    main()

@@ -8,10 +8,6 @@ sends its metrics, progress and curves to MLflow and Prefect.
 from __future__ import annotations
 
 import json
-import os
-import subprocess
-import sys
-from collections import deque
 from pathlib import Path
 from typing import Any
 
@@ -21,23 +17,20 @@ from smpo_core.errors import SmpoError
 from smpo_core.model_refs import start_unet
 from smpo_core.models import resolve_device
 from smpo_core.recipe import (
-    ERROR_LINE,
     HISTORY,
     MetricsEvents,
     TrainJob,
+    job_of_spec,
     launch_spec,
     run_training,
 )
 from smpo_core.report import training_curves
-from smpo_core.settings import Settings
 from stages.common import StageRun
+from stages.launch import LAUNCH_RESULT, launch, process_main, say
 from stages.score import LABELS
 from stages.tracking import log_tuned_model, training_metrics
 
-LAUNCH_SPEC = "launch.json"  # what the launched processes train: settings and folders
-LAUNCH_RESULT = "launch-result.json"  # the main process's summary, read back by the stage
 LAUNCH_EVENTS = "metrics.jsonl"  # the main process's metrics, one JSON line per step
-ROOT = Path(__file__).resolve().parents[1]
 
 
 def job_for(run: StageRun) -> TrainJob:
@@ -82,61 +75,44 @@ def compute(run: StageRun) -> dict[str, Any]:
     return summary
 
 
-def launch_command(settings: Settings, spec: Path) -> list[str]:
-    """`accelerate launch` of the recipe on `train.num_processes` processes of this machine.
-
-    `--multi_gpu` selects torch.distributed.run, which starts the processes, on the CPU too
-    (`--cpu` would start a single one); there the workers' `Accelerator(cpu=True)` uses gloo.
-    Port 0: a free port, so two trainings on one machine do not collide.
-    """
-    cuda = resolve_device(settings.model.device).type == "cuda"
-    return [sys.executable, "-m", "accelerate.commands.launch", "--multi_gpu",
-            "--num_processes", str(settings.train.num_processes), "--num_machines", "1",
-            "--mixed_precision", settings.train.mixed_precision if cuda else "no",
-            "--dynamo_backend", "no", "--main_process_port", "0",
-            "-m", "smpo_core.recipe", "--spec", str(spec)]
-
-
 def _launch(run: StageRun, job: TrainJob, on_metrics) -> dict[str, Any]:
-    """Run the recipe under `accelerate launch`: its output streamed into the stage log, its
-    metrics read from the JSON lines the main process writes."""
-    spec, result = run.out_dir / LAUNCH_SPEC, run.out_dir / LAUNCH_RESULT
+    """Run the recipe under `accelerate launch` (stages/launch.py): its output streamed into
+    the stage log, its metrics read from the JSON lines the main process writes."""
     events = MetricsEvents(run.out_dir / LAUNCH_EVENTS)
-    result.unlink(missing_ok=True)
     events.path.unlink(missing_ok=True)
-    spec.write_text(json.dumps(launch_spec(job, result, events.path), indent=1))
-    command = launch_command(run.settings, spec)
-    run.log("launching %s", " ".join(command))
-    env = os.environ | {"PYTHONUNBUFFERED": "1",
-                        "PYTHONPATH": os.pathsep.join(filter(None, [str(ROOT),
-                                                                    os.environ.get("PYTHONPATH")]))}
-    tail: deque[str] = deque(maxlen=25)
-    errors: list[str] = []
 
-    def forward_metrics() -> None:
+    def forward_metrics(line: str | None = None) -> None:
         for step, metrics in events.read_new():
             on_metrics(step, metrics)
 
-    # Same session as this worker: cancelling the flow run must take the training down too.
-    with subprocess.Popen(command, cwd=ROOT, env=env, stdout=subprocess.PIPE,
-                          stderr=subprocess.STDOUT, text=True, bufsize=1) as process:
-        try:
-            for line in process.stdout:
-                line = line.rstrip()
-                tail.append(line)
-                if line.startswith(ERROR_LINE):
-                    errors.append(line)
-                run.log("%s", line)
-                forward_metrics()
-        except BaseException:
-            process.terminate()  # torch.distributed.run passes it on to the processes
-            raise
+    cfg = run.settings.train
+    summary = launch(run, "stages.train", cfg.num_processes,
+                     launch_spec(job, run.out_dir / LAUNCH_RESULT, events.path), forward_metrics,
+                     cuda=resolve_device(run.settings.model.device).type == "cuda",
+                     mixed_precision=cfg.mixed_precision)
     forward_metrics()
-    if process.returncode != 0 or not result.is_file():
-        raise SmpoError(
-            f"train: `accelerate launch` of {run.settings.train.num_processes} processes failed "
-            f"(exit status {process.returncode}): "
-            + ("\n".join(errors) if errors else "its last lines:\n" + "\n".join(tail))
-            + "\n(the whole output is in the stage log); fix the cause, or set "
-            "train.num_processes=1 to train in the stage's process")
-    return json.loads(result.read_text())
+    return summary
+
+
+def _process(spec: dict[str, Any]) -> dict[str, Any]:
+    """One train-stage process under `accelerate launch`: the recipe, its metrics written as
+    JSON lines (main process) and printed."""
+    job = job_of_spec(spec)
+    events = MetricsEvents(Path(spec["events"]))
+
+    def report(step: int, metrics: dict[str, float]) -> None:
+        events.write(step, metrics)
+        say("step %d/%d: %s", step, job.settings.train.max_steps,
+            " ".join(f"{k} {v:.5g}" for k, v in metrics.items()))
+
+    return run_training(job, report)
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Entry point of each process `accelerate launch` starts for the train stage."""
+    process_main(argv, "One train-stage process under `accelerate launch`; started by the "
+                 "train stage.", _process)
+
+
+if __name__ == "__main__":
+    main()

@@ -40,15 +40,16 @@ def _deployments(store: Path, pool: str = DEFAULT_POOL) -> list[dict]:
 
 
 COMPARE = "compare"  # smpo-compare/compare: flows/compare.py
+SWEEP = "sweep"  # smpo-sweep/sweep: flows/sweep.py
 
 
 def test_every_stage_has_a_deployment_that_runs_it_and_full_runs_all(tmp_path):
     flow_parameters = inspect.signature(smpo.fn).parameters
     assert smpo.name == "smpo"  # so the addresses are smpo/full, smpo/train, ...
     deployments = {d["name"]: d for d in _deployments(tmp_path)}
-    assert set(deployments) == {"full", *STAGES, COMPARE}
+    assert set(deployments) == {"full", *STAGES, COMPARE, SWEEP}
     for name, deployment in deployments.items():
-        if name == COMPARE:
+        if name in (COMPARE, SWEEP):
             continue
         preset = deployment["parameters"]
         assert deployment["entrypoint"] == "flows/pipeline.py:smpo"
@@ -73,6 +74,20 @@ def test_the_compare_deployment_is_a_run_of_the_compare_flow(tmp_path):
     assert deployment["entrypoint"] == "flows/compare.py:compare"
     assert set(deployment["parameters"]) <= set(inspect.signature(compare.fn).parameters)
     assert deployment["parameters"]["models"] == ["base", "tuned=train:latest"]
+
+
+def test_the_sweep_deployment_is_a_run_of_the_sweep_flow_with_one_variant_at_a_time(tmp_path):
+    from flows.sweep import DEFAULT_GRID, expand_grid, sweep
+
+    deployment = next(d for d in _deployments(tmp_path) if d["name"] == SWEEP)
+    assert sweep.name == "smpo-sweep"  # so the address is smpo-sweep/sweep
+    assert deployment["entrypoint"] == "flows/sweep.py:sweep"
+    parameters = inspect.signature(sweep.fn).parameters
+    assert set(deployment["parameters"]) <= set(parameters)
+    assert deployment["parameters"]["concurrency"] == 1
+    # The default grid: the beta x labels example, 3 x 2 variants.
+    assert parameters["grid"].default is None
+    assert len(expand_grid(DEFAULT_GRID)) == 6
 
 
 def test_another_work_pool_changes_only_the_pool(tmp_path):
@@ -103,7 +118,7 @@ def test_serve_twice_starts_nothing_new_and_registers_every_deployment(served: S
     assert served.pids_after_second_serve == served.pids
     assert served.second_serve_output.count("already running") == len(SERVICES)
     deployments = served.prefect_api("/deployments/filter", {})
-    assert sorted(d["name"] for d in deployments) == sorted(["full", *STAGES, COMPARE])
+    assert sorted(d["name"] for d in deployments) == sorted(["full", *STAGES, COMPARE, SWEEP])
     assert {d["work_pool_name"] for d in deployments} == {DEFAULT_POOL}
     assert served.prefect_api(f"/work_pools/{DEFAULT_POOL}")["type"] == "process"
     assert urllib.request.urlopen(f"{served.mlflow_url}/health").read() == b"OK"
@@ -116,7 +131,7 @@ def test_deploy_registers_the_deployments_on_the_server_it_is_given(served: Serv
                           cwd=REPO, capture_output=True, text=True, timeout=300, check=False)
     assert done.returncode == 0, done.stdout[-2000:] + done.stderr[-2000:]
     deployments = served.prefect_api("/deployments/filter", {})
-    assert sorted(d["name"] for d in deployments) == sorted(["full", *STAGES, COMPARE])
+    assert sorted(d["name"] for d in deployments) == sorted(["full", *STAGES, COMPARE, SWEEP])
     assert {d["work_pool_name"] for d in deployments} == {DEFAULT_POOL}
 
 

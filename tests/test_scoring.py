@@ -110,3 +110,21 @@ def test_preference_targets_per_cached_pair(tmp_path):
     assert weight.dtype == torch.float32
     with pytest.raises(SmpoError, match="no labels for 1 cached pairs"):
         preference_targets(labels, [7, 10], "smoothed")
+
+
+def test_two_owners_score_each_image_once_and_write_what_one_writes(tmp_path):
+    """Pair shard s scored by process s mod 2: each image still once (in the first shard
+    that holds it), in the same batches, into the same files."""
+    from smpo_core.scoring import read_scores, score_shards
+
+    pairs = _pairs(tmp_path / "pairs", shards=3, per_shard=2)
+    one = MeanBrightness()
+    score_shards(pairs, one, 2, tmp_path / "one")
+    owners = [MeanBrightness(), MeanBrightness()]
+    for rank in (1, 0):
+        score_shards(pairs, owners[rank], 2, tmp_path / "two",
+                     owned=lambda shard, r=rank: shard % 2 == r)
+    assert sorted(owners[0].seen + owners[1].seen) == sorted(one.seen)
+    for part in sorted((tmp_path / "one").glob("rewards-*")):
+        assert (tmp_path / "two" / part.name).read_bytes() == part.read_bytes()
+    assert read_scores(pairs, tmp_path / "two") == read_scores(pairs, tmp_path / "one")

@@ -154,3 +154,70 @@ def test_cache_from_another_model_or_grid_is_refused(tmp_path):
     with pytest.raises(SmpoError, match=r"cache\.json missing"):
         TrajectoryCache(tmp_path / "nothing")
 
+
+def test_two_owners_write_the_shards_one_writer_writes(tmp_path):
+    """Process r of 2 writes shards s with s mod 2 = r: together the same files as one
+    process, and each batch holds the pairs it holds in one process's run."""
+    one, two = tmp_path / "one", tmp_path / "two"
+    batches: dict[str, list[list[int]]] = {"one": [], "two": []}
+
+    def recording(name):
+        def invert(batch):
+            batches[name].append([r["pair_id"] for r in batch])
+            return fake_invert(batch)
+        return invert
+
+    build_cache(one, iter(rows()), recording("one"), batch_size=3, shard_pairs=4)
+    stats = [build_cache(two, iter(rows()), recording("two"), batch_size=3, shard_pairs=4,
+                         owned=lambda shard, r=rank: shard % 2 == r) for rank in (1, 0)]
+    assert sorted(batches["two"]) == sorted(batches["one"])
+    assert [s["shards"] for s in stats] == [3, 3]
+    assert sorted(p.name for p in two.iterdir()) == sorted(p.name for p in one.iterdir())
+    for path in one.glob("*"):
+        assert (two / path.name).read_bytes() == path.read_bytes(), path.name
+
+
+def test_an_owner_redoes_only_its_missing_shards_wherever_they_are(tmp_path):
+    write_meta(tmp_path)
+    build_cache(tmp_path, iter(rows()), fake_invert, batch_size=2, shard_pairs=4)
+    (tmp_path / "index-00001.parquet").unlink()  # shard 1 lost; shards 0 and 2 complete
+    calls = []
+
+    def records(batch):
+        calls.append([r["pair_id"] for r in batch])
+        return fake_invert(batch)
+
+    stats = build_cache(tmp_path, iter(rows()), records, batch_size=2, shard_pairs=4,
+                        owned=lambda shard: shard % 2 == 1)
+    assert calls == [[104, 105], [106, 107]]
+    assert stats["resumed_shards"] == 0  # shard 1 (this owner's only shard) was redone
+    assert TrajectoryCache(tmp_path).pair_ids == [100 + i for i in range(10)]
+
+
+def test_owners_refuse_a_cache_written_with_another_shard_size(tmp_path):
+    """Several processes place pairs by shard number x shard_pairs: shards of another size
+    would make them skip or repeat pairs, so the resume is refused, naming the index."""
+    write_meta(tmp_path)
+    build_cache(tmp_path, iter(rows()), fake_invert, batch_size=2, shard_pairs=4)
+    (tmp_path / "index-00002.parquet").unlink()
+    with pytest.raises(SmpoError, match=r"index-00000\.parquet holds 4 pairs, not the 3"):
+        build_cache(tmp_path, iter(rows()), fake_invert, batch_size=2, shard_pairs=3,
+                    owned=lambda shard: True)
+
+
+def test_one_process_finishes_what_several_left_with_gaps(tmp_path):
+    """A crashed two-process run left shards 0 and 2; one process redoes shard 1 only."""
+    write_meta(tmp_path)
+    build_cache(tmp_path, iter(rows()), fake_invert, batch_size=2, shard_pairs=4,
+                owned=lambda shard: shard != 1)
+    calls = []
+
+    def records(batch):
+        calls.append([r["pair_id"] for r in batch])
+        return fake_invert(batch)
+
+    stats = build_cache(tmp_path, iter(rows()), records, batch_size=2, shard_pairs=4)
+    assert calls == [[104, 105], [106, 107]]
+    assert (stats["shards"], stats["resumed_shards"]) == (3, 2)
+    check_cache(tmp_path, 10)
+    assert TrajectoryCache(tmp_path).pair_ids == [100 + i for i in range(10)]
