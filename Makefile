@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo toy-demo study test lint clean-store reference-check bench
+.PHONY: install demo toy-demo study test test-slow lint clean-store reference-check bench
 
 install: $(STAMP)
 
@@ -37,7 +37,11 @@ lint: install
 	$(BIN)/ruff check .
 
 test: install lint
-	$(BIN)/pytest -q
+	$(BIN)/pytest -q -m 'not slow'
+
+# Tests over make test's budget, or not yet seen to pass on 2 cores (pyproject's `slow` marker).
+test-slow: install
+	$(BIN)/pytest -q -m slow
 
 # Every performance figure as side-by-side ratios (bench/run.py): bench/results/<date>-cpu.json
 # and .md; under 15 minutes on 2 cores. The GPU figures: bench/gpu.sh on an NVIDIA machine.

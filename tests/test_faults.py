@@ -108,6 +108,7 @@ def clean_store(tmp_path_factory) -> Path:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_kill_9_inside_each_stage_resumes_to_the_clean_result(clean_store, tmp_path):
     """One store killed (SIGKILL, SMPO_FAULT) after the first unit of work of each stage in
     turn, each rerun resuming the stage the last one died in; then finished. Every output
@@ -139,6 +140,7 @@ def test_kill_9_inside_each_stage_resumes_to_the_clean_result(clean_store, tmp_p
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 @pytest.mark.parametrize("betas", [[None, None], [None, None, "3000", "3000"]],
                          ids=["two", "four"])
 def test_concurrent_runs_on_one_fresh_store_compute_each_key_once(clean_store, tmp_path,

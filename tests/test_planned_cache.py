@@ -58,6 +58,7 @@ def _train(caches, cache: str, out_dir: Path, *overrides: str) -> dict:
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_planned_cache_holds_exactly_the_levels_training_reads(caches, tmp_path, monkeypatch):
     read: dict[int, set[int]] = {}
     load = CachedPairs.__call__
@@ -86,6 +87,7 @@ def test_planned_cache_holds_exactly_the_levels_training_reads(caches, tmp_path,
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_training_from_the_planned_cache_follows_training_from_the_full_cache(
         caches, tmp_path, monkeypatch):
     import json
@@ -111,6 +113,7 @@ def test_training_from_the_planned_cache_follows_training_from_the_full_cache(
 
 
 @pytest.mark.integration
+@pytest.mark.slow
 def test_a_run_that_needs_a_level_the_planned_cache_lacks_is_refused(caches, tmp_path):
     with pytest.raises(SmpoError, match=r"planned for another training run.*lacks \d+ "
                        r"\(pair, level\) latents this run reads, e\.g\. level \d+ of pair"):

@@ -15,7 +15,7 @@ from safetensors.torch import load_file
 from smpo_core.settings import load_settings
 from smpo_core.store import Store
 
-pytestmark = pytest.mark.integration
+pytestmark = [pytest.mark.integration, pytest.mark.slow]
 
 # 16 pairs in 4 pair shards of 4; 4 cache shards of 4 pairs; 4 prompts in 2 chunks of 2.
 SMALL = ["download.max_pairs=16", "download.shard_rows=4", "score.batch_size=3",
