@@ -567,12 +567,16 @@ def classify(row: dict, seen_pairs: set[int], limits: ImageLimits | None = None
     return ("image_size", []) if problems else (None, [])
 
 
-def _decodes_as_text(caption: bytes | None) -> bool:
+def _decodes_as_text(caption: bytes | str | None) -> bool:
     """Invalid UTF-8 in a string column: Parquet and Arrow store it unchecked, and only a
-    later read (tokenising a caption) would fail on it."""
+    later read (tokenising a caption) would fail on it. A caption already decoded (rows
+    built in Python) is checked for lone surrogates, which no UTF-8 file can hold."""
     try:
-        (caption or b"").decode("utf-8")
-    except UnicodeDecodeError:
+        if isinstance(caption, str):
+            caption.encode("utf-8")
+        else:
+            (caption or b"").decode("utf-8")
+    except UnicodeError:
         return False
     return True
 

@@ -114,8 +114,10 @@ def test_a_sixth_stage_is_its_registry_entry_and_its_module(lengths_stage, harne
 
 
 @pytest.mark.parametrize(("parameters", "message"), [
-    ({"force": ["trian"]}, "--force 'trian': unknown; expected some of download, score"),
-    ({"stages": ["evaluat"]}, "stage 'evaluat': unknown; expected some of download"),
+    ({"force": ["trian"]},
+     "--force 'trian': unknown (did you mean 'train'?); expected some of download, score"),
+    ({"stages": ["evaluat"]},
+     "stage 'evaluat': unknown (did you mean 'evaluate'?); expected some of download"),
     ({"overrides": ["train.bta=1"]}, "unknown setting 'train.bta'"),
     ({"stages": ["evaluate"], "overrides": ["evaluate.metrics.hpsv2=/nowhere/HPS.pt"]},
      "evaluate.metrics.hpsv2 '/nowhere/HPS.pt': no such file or folder"),

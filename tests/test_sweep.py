@@ -71,14 +71,15 @@ def swept(tmp_path_factory):
     import stages.train
 
     store = tmp_path_factory.mktemp("store")
-    fit = stages.train.fit
+    run_training = stages.train.run_training
     running: list[int] = []  # trainings running now; the most at once is recorded
     most = [0]
     trained: list[tuple[float, str]] = []
     lock = threading.Lock()
     fault = [True]
 
-    def watched_fit(settings, *args, **kwargs):
+    def watched_training(job, *args, **kwargs):
+        settings = job.settings
         with lock:
             running.append(1)
             most[0] = max(most[0], len(running))
@@ -86,7 +87,7 @@ def swept(tmp_path_factory):
             if fault[0] and settings.train.beta == 5000 and settings.train.labels == "human":
                 raise RuntimeError("CUDA out of memory (a fault of this test)")
             time.sleep(0.5)  # the tiny training is quick: make overlaps visible
-            result = fit(settings, *args, **kwargs)
+            result = run_training(job, *args, **kwargs)
             trained.append((settings.train.beta, settings.train.labels))
             return result
         finally:
@@ -100,7 +101,7 @@ def swept(tmp_path_factory):
                *[arg for item in small for arg in ("--set", item)]]
     with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=120):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        mp.setattr(stages.train, "fit", watched_fit)
+        mp.setattr(stages.train, "run_training", watched_training)
         first = main(command)
         first_trained, first_most = list(trained), most[0]
         trained.clear()
