@@ -22,6 +22,16 @@ SMALL = ["invert.max_pairs=16", "train.max_steps=5", "train.checkpoint_every=2",
          "train.learning_rate=1e-3", "train.warmup_steps=2"]
 
 
+def run_task(name: str):
+    """A stage task's body with its result unwrapped: a reused stage returns a `Reused` state."""
+    from types import SimpleNamespace
+
+    from stages.common import stage_result, stage_task
+
+    task = stage_task(name)
+    return SimpleNamespace(fn=lambda *args, **kwargs: stage_result(task.fn(*args, **kwargs)))
+
+
 class Killed(Exception):
     """Stands for the process dying mid-training."""
 
@@ -31,7 +41,7 @@ def inputs(tmp_path_factory):
     """The tiny profile's base model, trajectory cache and labels, made by the stages."""
     from mlflow.tracking import MlflowClient
 
-    from stages.common import RunContext, stage_task
+    from stages.common import RunContext
     from stages.tracking import experiment_id
 
     store = tmp_path_factory.mktemp("store").resolve()
@@ -40,9 +50,9 @@ def inputs(tmp_path_factory):
                      experiment_id(MlflowClient(uri), uri, store))
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        pairs = {"download": stage_task("download").fn(ctx, {})}
-        invert = stage_task("invert").fn(ctx, pairs)
-        score = stage_task("score").fn(ctx, pairs)
+        pairs = {"download": run_task("download").fn(ctx, {})}
+        invert = run_task("invert").fn(ctx, pairs)
+        score = run_task("score").fn(ctx, pairs)
     return {"base": str(store / "builtin" / "tiny-sd"), "cache": Path(invert.path),
             "labels": Path(score.path) / "labels.parquet", "ctx": ctx, "pairs": pairs,
             "score": score}
@@ -124,7 +134,7 @@ def test_sft_then_smpo_inverts_and_trains_from_the_sft_unet(inputs):
     (policy == reference == the SFT UNet at step 1, so the first loss is log 2)."""
     from diffusers import UNet2DConditionModel
 
-    from stages.common import RunContext, stage_task
+    from stages.common import RunContext
 
     ctx = inputs["ctx"]
 
@@ -134,13 +144,13 @@ def test_sft_then_smpo_inverts_and_trains_from_the_sft_unet(inputs):
 
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        base_cache = stage_task("invert").fn(context(), inputs["pairs"])
-        sft = stage_task("train").fn(context("train.method=sft", "train.trajectory=forward"),
+        base_cache = run_task("invert").fn(context(), inputs["pairs"])
+        sft = run_task("train").fn(context("train.method=sft", "train.trajectory=forward"),
                                      {"invert": base_cache, "score": inputs["score"]})
         # A tiny learning rate: the result stays next to where it started.
         then = context(f"model.unet=train:{sft.key[:8]}", "train.learning_rate=1e-8")
-        cache = stage_task("invert").fn(then, inputs["pairs"])
-        smpo = stage_task("train").fn(then, {"invert": cache, "score": inputs["score"]})
+        cache = run_task("invert").fn(then, inputs["pairs"])
+        smpo = run_task("train").fn(then, {"invert": cache, "score": inputs["score"]})
     assert cache.key != base_cache.key
     meta = json.loads((Path(cache.path) / "cache.json").read_text())
     assert meta["unet"] == f"train:{sft.key[:8]}"
