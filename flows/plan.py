@@ -146,13 +146,23 @@ class PlannedStage:
 def dry_run(plan: RunPlan) -> list[PlannedStage]:
     """Which stages of a checked plan would be reused and which would run, and why; reads
     the store, writes nothing."""
-    from stages.common import settings_for_key, stage_key_for  # brings Prefect and MLflow
+    import importlib
+
+    # brings Prefect and MLflow
+    from stages.common import RunContext, settings_for_key, stage_key_for
 
     store, settings = Store(plan.store), plan.settings
+    ctx = RunContext(settings, str(plan.store), plan.tracking_uri, "")
     keys: dict[str, str] = {}
     planned = []
     for stage in plan.stages:
         inputs = {name: keys[name] for name in STAGES[stage].upstream}
+        module = importlib.import_module(STAGES[stage].implementation)
+        key_inputs = getattr(module, "key_inputs", None)
+        # Inputs outside the store (a local source's content) enter the key as in a run; an
+        # empty store has nothing to reuse, and reading them could build a builtin there.
+        if key_inputs and plan.store.is_dir() and any(plan.store.iterdir()):
+            inputs |= key_inputs(ctx)
         key = keys[stage] = stage_key_for(settings, stage, inputs)
         path = store.stage_dir(stage, key)
         if stage in plan.forced:

@@ -524,7 +524,8 @@ def test_a_run_ends_with_its_results_and_where_its_outputs_are(runs):
                             f"{paired['diff_mean']:+.4f}"]
         assert row[4] == f"{paired['win_rate']:.3f}"
     paths = {line.split(":", 1)[0]: line.split(":", 1)[1].split()[0]
-             for line in out.splitlines() if line.startswith(("weights:", "report:", "image"))}
+             for line in out.splitlines()
+             if line.startswith(("weights:", "report:", "image grid:"))}
     assert paths == {"weights": str(Path(runs["first"]["train"]["path"]) / "unet"),
                      "report": str(evaluate / "report.html"),
                      "image grid": str(evaluate / "grid.png")}
