@@ -43,6 +43,12 @@ from smpo_core.settings import (
 from smpo_core.store import disk_error
 
 
+def _store(parser: argparse.ArgumentParser) -> None:
+    parser.add_argument("--store", default=None,
+                        help=f"stage store folder (default ${Environment.variable('store')} or "
+                             f"{Environment.model_fields['store'].default})")
+
+
 def _parser() -> argparse.ArgumentParser:
     parser = argparse.ArgumentParser(prog="smpo", description=__doc__,
                                      formatter_class=argparse.RawDescriptionHelpFormatter)
@@ -54,22 +60,18 @@ def _parser() -> argparse.ArgumentParser:
     run.add_argument("stages", nargs="*", metavar="STAGE",
                      help=f"stages to run, default all: {' '.join(STAGES)}")
     _common(run)
-    run.add_argument("--store", default=None,
-                     help=f"stage store folder (default ${Environment.variable('store')} or "
-                          f"{Environment.model_fields['store'].default})")
+    _store(run)
     run.add_argument("--force", action="append", default=[], metavar="STAGE",
                      help="recompute this stage even if its output exists (repeatable)")
     sync = sub.add_parser("sync", help="log what runs could not track (server down) and "
                           "close runs left RUNNING by dead processes")
-    sync.add_argument("--store", default=None, help="stage store folder (as for run)")
+    _store(sync)
     run.add_argument("--dry-run", action="store_true",
                      help="say which stages would be reused and which would run, and why; "
                           "run nothing, write nothing")
     runs = sub.add_parser("runs", help="the store's train and evaluate outputs: the settings "
                           "that tell them apart and their results")
-    runs.add_argument("--store", default=None,
-                      help=f"stage store folder (default ${Environment.variable('store')} or "
-                           f"{Environment.model_fields['store'].default})")
+    _store(runs)
     show = sub.add_parser("settings", help="explain every setting of a profile")
     _common(show)
     compare = sub.add_parser(
@@ -79,9 +81,7 @@ def _parser() -> argparse.ArgumentParser:
                          help="[LABEL=]base | train:KEY | train:latest | run:RUN_ID | "
                               "unet:PATH | lora:PATH | pipeline:PATH_OR_ID | PATH | HUB_ID")
     _common(compare)
-    compare.add_argument("--store", default=None,
-                         help=f"stage store folder (default ${Environment.variable('store')} or "
-                              f"{Environment.model_fields['store'].default})")
+    _store(compare)
     sweep = sub.add_parser(
         "sweep", help="train and evaluate a grid of settings on one download, score and cache; "
         "one comparison of all variants")
@@ -96,9 +96,7 @@ def _parser() -> argparse.ArgumentParser:
                        help="devices the running variants are placed on, one each "
                             "(e.g. cuda:0,cuda:1); default: model.device")
     _common(sweep)
-    sweep.add_argument("--store", default=None,
-                       help=f"stage store folder (default ${Environment.variable('store')} or "
-                            f"{Environment.model_fields['store'].default})")
+    _store(sweep)
     return parser
 
 
