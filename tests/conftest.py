@@ -28,6 +28,9 @@ ARTIFACTS = REPO / "test-artifacts"
 FAST = ["download.max_pairs=16", "train.max_steps=4", "evaluate.num_prompts=4",
         "evaluate.num_inference_steps=4"]
 SERVICES = ("prefect-server", "mlflow-server", "worker")
+# Tests that run the flow in-process start Prefect's temporary server themselves: as in the CLI
+# (flows/cli.py), allow it the minute it takes on 2 busy cores rather than the default 20 s.
+os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
 def free_ports(count: int) -> list[int]:

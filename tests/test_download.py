@@ -668,7 +668,7 @@ def test_prefect_retries_the_stage_on_network_errors_only(
         settings = load_settings("tiny", [f"download.source={source}"])
         task(RunContext(settings, str(store), uri, experiment))
 
-    with prefect_test_harness():
+    with prefect_test_harness(server_startup_timeout=120):
         for source, error, attempts in (("yuvalkirstain/pickapic_v2", SourceUnreachable, 3),
                                         (str(tmp_path / "bad"), SmpoError, 1)):
             with pytest.raises(error):
