@@ -78,7 +78,7 @@ def launch(run: StageRun, module: str, num_processes: int, spec: dict[str, Any],
     spec_file, result = run.out_dir / LAUNCH_SPEC, run.out_dir / LAUNCH_RESULT
     result.unlink(missing_ok=True)
     with atomic_path(spec_file) as tmp:  # every machine's stage writes it, alike
-        tmp.write_text(json.dumps(spec | {"result": str(result)}, indent=1))
+        tmp.write_text(json.dumps(spec | {"result": str(result), "cpu": not cuda}, indent=1))
     command = launch_command(num_processes, module, spec_file, cuda, mixed_precision)
     run.log("launching %s", " ".join(command))
     env = os.environ | {"PYTHONUNBUFFERED": "1",
@@ -127,12 +127,15 @@ def process_main(argv: list[str] | None, description: str,
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--spec", type=Path, required=True, help="the stage's launch.json")
     spec = json.loads(parser.parse_args(argv).spec.read_text())
+    # Joins the process group before the body asks who it is: without cpu=True, accelerate
+    # finds no GPU, ignores torch.distributed.run's ranks, and every process would take
+    # itself for process 0 of 1 and do all the work.
+    state = PartialState(cpu=spec["cpu"])
     try:
         summary = body(spec)
     except Exception as exc:  # the stage shows this line; the traceback follows in the log
-        say("%s %d: %s: %s", ERROR_LINE, PartialState().process_index, type(exc).__name__, exc)
+        say("%s %d: %s: %s", ERROR_LINE, state.process_index, type(exc).__name__, exc)
         raise
-    state = PartialState()
     if state.is_main_process:
         with atomic_path(Path(spec["result"])) as tmp:
             tmp.write_text(json.dumps(summary))
