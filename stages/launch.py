@@ -5,7 +5,8 @@ A stage whose `<stage>.num_processes` is above 1 writes what its processes need 
 (torch.distributed.run: DDP over NCCL on GPUs, gloo on the CPU). Each process calls the
 module's `process_main` body with that spec; the main process's return value comes back to the
 stage through `launch-result.json`. The launched processes' output is streamed into the stage
-log line by line.
+log line by line. The stage modules import Prefect and MLflow (stages.common, stages.tracking)
+only where the stage's own process needs them: every launched process is spared their seconds.
 
 Several machines: each machine runs the same `smpo run` on a store all of them see, with
 accelerate's own multi-machine settings from the environment (SMPO_NUM_MACHINES,
@@ -25,18 +26,20 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smpo_core.environment import environment
 from smpo_core.errors import SmpoError
 from smpo_core.store import atomic_path
-from stages.common import StageRun
 
 LAUNCH_SPEC = "launch.json"  # what the launched processes do: settings and folders
 LAUNCH_RESULT = "launch-result.json"  # the main process's summary, read back by the stage
 ERROR_LINE = "error in stage process"  # a launched process's one-line failure
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_LINE = re.compile(r"progress (\d+)$")  # a process's line "... progress N": N more done
+
+if TYPE_CHECKING:  # the launched processes import neither Prefect nor MLflow
+    from stages.common import StageRun
 
 
 def launch_command(num_processes: int, module: str, spec: Path, cuda: bool,
