@@ -36,7 +36,8 @@ from prefect.futures import PrefectFuture
 
 from flows.plan import check_reachable, preflight, tracking_uri
 from smpo_core.environment import environment
-from smpo_core.errors import SmpoError
+from smpo_core.errors import SmpoError, first_line
+from smpo_core.models import resolve_device
 from smpo_core.settings import STAGES, load_settings, with_upstream
 from smpo_core.store import Store, stage_key, write_json
 from stages import tracking
@@ -116,6 +117,11 @@ def plan_sweep(grid: dict[str, list[Any]], profile: str = "tiny",
     if devices is not None and len(devices) < concurrency:
         raise SmpoError(f"sweep devices {devices}: {concurrency} variants run at once, so give "
                         f"at least {concurrency} devices (one each), or lower the concurrency")
+    for device in devices or []:  # before the shared stages, not in every variant after them
+        try:
+            resolve_device(device)
+        except (SmpoError, RuntimeError) as exc:
+            raise SmpoError(f"sweep device {device!r}: {first_line(exc)}") from None
     variants = expand_grid(grid)
     root = Path(store or environment().store).expanduser().resolve()
     settings = {}

@@ -21,6 +21,7 @@ from prefect.cache_policies import NO_CACHE
 from prefect.states import Completed, State
 from tqdm import tqdm
 
+from smpo_core.environment import environment
 from smpo_core.settings import STAGES, Settings, shared_sections
 from smpo_core.store import MANIFEST, Store, disk_error, read_manifest, stage_key
 from smpo_core.worlds import builtins
@@ -243,6 +244,19 @@ def stage_key_for(settings: Settings, stage: str, input_keys: dict[str, str]) ->
                      STAGES[stage].version)
 
 
+def lock_name(settings: Settings, stage: str, key: str) -> str:
+    """The store lock a run holds while it computes a stage output. A stage launched on
+    several machines runs on all of them at once, each machine's processes taking their own
+    shards and meeting in accelerate's rendezvous: there each machine holds a lock of its own
+    rank (with one lock for all, machine 0 would wait in the rendezvous for a machine 1 that
+    waits for the lock)."""
+    machines = environment()
+    launched = getattr(settings.section(stage), "num_processes", 1) > 1
+    if launched and machines.num_machines > 1:
+        return f"{stage}-{key}-machine{machines.machine_rank}"
+    return f"{stage}-{key}"
+
+
 def run_stage(
     ctx: RunContext,
     stage: str,
@@ -263,7 +277,7 @@ def run_stage(
     out_dir = store.stage_dir(stage, key)
     try:
         # One process at a time per stage output: a second run waits, then reuses the result.
-        with store.lock(f"{stage}-{key}", on_wait=lambda: logger().info(
+        with store.lock(lock_name(ctx.settings, stage, key), on_wait=lambda: logger().info(
                 "%s: another run is computing %s; waiting for it to finish", stage, out_dir)):
             result = _run_locked(ctx, stage, key, inputs, input_keys, compute, force)
     except OSError as exc:

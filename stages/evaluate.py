@@ -6,7 +6,7 @@ cache (`<store>/generations/`), so a later comparison reuses them."""
 from __future__ import annotations
 
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smpo_core.acceleration import FastPaths
 from smpo_core.evaluation import (
@@ -26,8 +26,10 @@ from smpo_core.prompts import PromptSet, is_local, load_prompt_set
 from smpo_core.rewards import check_kinds
 from smpo_core.settings import Settings, settings_model
 from smpo_core.worlds import builtins
-from stages.common import Progress, RunContext, StageRun, logger
 from stages.launch import launch, process_main, say
+
+if TYPE_CHECKING:  # launched processes import neither Prefect nor MLflow (stages/launch.py)
+    from stages.common import RunContext, StageRun
 
 GENERATIONS = "generations"  # <store>/generations: images and scores, shared by evaluations
 
@@ -60,6 +62,8 @@ def check_inputs(settings: Settings, store: Path) -> None:
 
 def reporter(stage: str) -> Reporter:
     """Progress bars (terminal and Prefect) and log lines for an evaluation."""
+    from stages.common import Progress, logger
+
     return Reporter(progress=lambda what, total: Progress(f"{stage} {what}", total, "images"),
                     log=lambda message: logger().info("%s: %s", stage, message))
 

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import torch
 
@@ -32,8 +32,10 @@ from smpo_core.trajectories import (
     write_cache_meta,
 )
 from smpo_core.worlds import builtins
-from stages.common import StageRun
 from stages.launch import PROGRESS_LINE, launch, process_main, say
+
+if TYPE_CHECKING:  # launched processes import neither Prefect nor MLflow (stages/launch.py)
+    from stages.common import StageRun
 
 
 def sampled_pairs(settings: Settings, pairs_dir: Path) -> tuple[int, list[int]]:

@@ -5,7 +5,8 @@ A stage whose `<stage>.num_processes` is above 1 writes what its processes need 
 (torch.distributed.run: DDP over NCCL on GPUs, gloo on the CPU). Each process calls the
 module's `process_main` body with that spec; the main process's return value comes back to the
 stage through `launch-result.json`. The launched processes' output is streamed into the stage
-log line by line.
+log line by line. The stage modules import Prefect and MLflow (stages.common, stages.tracking)
+only where the stage's own process needs them: every launched process is spared their seconds.
 
 Several machines: each machine runs the same `smpo run` on a store all of them see, with
 accelerate's own multi-machine settings from the environment (SMPO_NUM_MACHINES,
@@ -25,18 +26,20 @@ import sys
 from collections import deque
 from collections.abc import Callable
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from smpo_core.environment import environment
 from smpo_core.errors import SmpoError
 from smpo_core.store import atomic_path
-from stages.common import StageRun
 
 LAUNCH_SPEC = "launch.json"  # what the launched processes do: settings and folders
 LAUNCH_RESULT = "launch-result.json"  # the main process's summary, read back by the stage
 ERROR_LINE = "error in stage process"  # a launched process's one-line failure
 ROOT = Path(__file__).resolve().parents[1]
 PROGRESS_LINE = re.compile(r"progress (\d+)$")  # a process's line "... progress N": N more done
+
+if TYPE_CHECKING:  # the launched processes import neither Prefect nor MLflow
+    from stages.common import StageRun
 
 
 def launch_command(num_processes: int, module: str, spec: Path, cuda: bool,
@@ -78,7 +81,7 @@ def launch(run: StageRun, module: str, num_processes: int, spec: dict[str, Any],
     spec_file, result = run.out_dir / LAUNCH_SPEC, run.out_dir / LAUNCH_RESULT
     result.unlink(missing_ok=True)
     with atomic_path(spec_file) as tmp:  # every machine's stage writes it, alike
-        tmp.write_text(json.dumps(spec | {"result": str(result)}, indent=1))
+        tmp.write_text(json.dumps(spec | {"result": str(result), "cpu": not cuda}, indent=1))
     command = launch_command(num_processes, module, spec_file, cuda, mixed_precision)
     run.log("launching %s", " ".join(command))
     env = os.environ | {"PYTHONUNBUFFERED": "1",
@@ -127,12 +130,15 @@ def process_main(argv: list[str] | None, description: str,
     parser = argparse.ArgumentParser(description=description)
     parser.add_argument("--spec", type=Path, required=True, help="the stage's launch.json")
     spec = json.loads(parser.parse_args(argv).spec.read_text())
+    # Joins the process group before the body asks who it is: without cpu=True, accelerate
+    # finds no GPU, ignores torch.distributed.run's ranks, and every process would take
+    # itself for process 0 of 1 and do all the work.
+    state = PartialState(cpu=spec["cpu"])
     try:
         summary = body(spec)
     except Exception as exc:  # the stage shows this line; the traceback follows in the log
-        say("%s %d: %s: %s", ERROR_LINE, PartialState().process_index, type(exc).__name__, exc)
+        say("%s %d: %s: %s", ERROR_LINE, state.process_index, type(exc).__name__, exc)
         raise
-    state = PartialState()
     if state.is_main_process:
         with atomic_path(Path(spec["result"])) as tmp:
             tmp.write_text(json.dumps(summary))

@@ -4,14 +4,13 @@ from __future__ import annotations
 
 from dataclasses import asdict, dataclass
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 import pyarrow.parquet as pq
 import torch
 
 from smpo_core.models import resolve_device
-from smpo_core.report import histograms
 from smpo_core.rewards import RewardModel, load_reward_model
 from smpo_core.scoring import (
     human_agreement,
@@ -25,8 +24,10 @@ from smpo_core.settings import Settings, settings_model
 from smpo_core.smoothing import resolve_bounds
 from smpo_core.store import atomic_path
 from smpo_core.worlds import builtins
-from stages.common import StageRun
 from stages.launch import PROGRESS_LINE, launch, process_main, say
+
+if TYPE_CHECKING:  # launched processes import neither Prefect nor MLflow (stages/launch.py)
+    from stages.common import StageRun
 
 LABELS = "labels.parquet"
 
@@ -53,6 +54,8 @@ def _reward_model(settings: Settings, store: Path, device: torch.device) -> Rewa
 
 
 def compute(run: StageRun) -> dict[str, Any]:
+    from smpo_core.report import histograms
+
     cfg = run.settings.score
     store = run.ctx.store.root
     pairs_dir = run.input_dir("download")

@@ -14,7 +14,7 @@ import logging
 import os
 import time
 import warnings
-from collections.abc import Callable
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
@@ -185,8 +185,8 @@ def log_tuned_model(tracker: Tracker, weights: Path, kind: str, base: dict[str, 
                                        source_run_id=tracker.run_id, model_type="diffusers",
                                        tags={"smpo.weights": kind})
     # Model.log reads the tracking URI from MLflow's global setting, not from our client.
-    mlflow.set_tracking_uri(client.tracking_uri)
-    with warnings.catch_warnings():  # an input example would mean drawing images at log time
+    with global_tracking_uri(client.tracking_uri), warnings.catch_warnings():
+        # an input example would mean drawing images at log time
         warnings.filterwarnings("ignore", message=".*input example was not provided")
         info = Model.log(artifact_path=None, flavor=mlflow.pyfunc, run_id=tracker.run_id,
                          model_id=model.model_id, python_model=str(MODEL_CODE),
@@ -197,6 +197,22 @@ def log_tuned_model(tracker: Tracker, weights: Path, kind: str, base: dict[str, 
     client.finalize_logged_model(model.model_id, "READY")
     tracker.tags({"smpo.model_uri": info.model_uri})
     return info.model_uri
+
+
+@contextmanager
+def global_tracking_uri(uri: str) -> Iterator[None]:
+    """MLflow's process-wide tracking URI set to `uri` for the block only (what Model.log and
+    pyfunc.load_model read). Setting it also exports MLFLOW_TRACKING_URI into this process's
+    environment: left behind, it would send every later run of the process, on any store,
+    to this store's database."""
+    import mlflow
+
+    before = os.environ.get("MLFLOW_TRACKING_URI")
+    mlflow.set_tracking_uri(uri)
+    try:
+        yield
+    finally:
+        mlflow.set_tracking_uri(before)  # None: unset again, the variable too
 
 
 @contextmanager

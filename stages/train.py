@@ -9,7 +9,7 @@ from __future__ import annotations
 
 import json
 from pathlib import Path
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import numpy as np
 
@@ -24,11 +24,11 @@ from smpo_core.recipe import (
     launch_spec,
     run_training,
 )
-from smpo_core.report import training_curves
-from stages.common import StageRun
 from stages.launch import LAUNCH_RESULT, launch, process_main, say
 from stages.score import LABELS
-from stages.tracking import log_tuned_model, training_metrics
+
+if TYPE_CHECKING:  # launched processes import neither Prefect nor MLflow (stages/launch.py)
+    from stages.common import StageRun
 
 LAUNCH_EVENTS = "metrics.jsonl"  # the main process's metrics, one JSON line per step
 
@@ -46,6 +46,9 @@ def job_for(run: StageRun) -> TrainJob:
 
 
 def compute(run: StageRun) -> dict[str, Any]:
+    from smpo_core.report import training_curves
+    from stages.tracking import log_tuned_model, training_metrics
+
     job = job_for(run)
     progress = run.progress(total=job.settings.train.max_steps, unit="steps")
 

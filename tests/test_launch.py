@@ -70,3 +70,18 @@ def test_incomplete_machine_settings_are_refused(monkeypatch, env, message):
     with pytest.raises(SmpoError) as error:
         launch_command(4, "stages.train", Path("spec"), cuda=False)
     assert message in str(error.value)
+
+
+@pytest.mark.integration
+def test_launched_cpu_processes_form_one_group_and_each_knows_its_rank(tmp_path):
+    """On a machine without GPUs the two launched processes are processes 0 and 1 of 2 (each
+    takes its own shards); not two lone processes 0 of 1 that each do all the work. They
+    start without Prefect and MLflow."""
+    from types import SimpleNamespace
+
+    from stages.launch import launch
+
+    lines: list[str] = []
+    run = SimpleNamespace(out_dir=tmp_path, stage="probe", log=lambda *args: None)
+    result = launch(run, "tests.launch_probe", 2, {}, on_line=lines.append, cuda=False)
+    assert result == {"processes": [[0, 2], [1, 2]], "imported": []}, "\n".join(lines)

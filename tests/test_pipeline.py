@@ -63,6 +63,8 @@ def runs(tmp_path_factory):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
         with prefect_test_harness(server_startup_timeout=120):
             first = run()
+            # What a run leaves in this process's environment for the next one (on any store).
+            tracking_after_run = os.environ.get("MLFLOW_TRACKING_URI")
             second = run()
             third = run(overrides=["train.beta=3000"])
             fourth = run(stages=["score"], overrides=["score.batch_size=7"])
@@ -89,7 +91,7 @@ def runs(tmp_path_factory):
     return {"lora": lora, "other_rewards": other_rewards, "store": store, "first": first,
             "second": second, "third": third, "fourth": fourth, "forced": forced,
             "killed": killed, "resumed": resumed, "uninterrupted": uninterrupted,
-            "flows": flows}
+            "flows": flows, "tracking_after_run": tracking_after_run}
 
 
 def _by_stage(rows):
@@ -103,6 +105,13 @@ def _manifest(row) -> dict:
 def test_first_run_runs_every_stage(runs):
     assert list(runs["first"]) == list(STAGES)
     assert not any(row["reused"] for row in runs["first"].values())
+
+
+def test_a_run_leaves_the_process_tracking_uri_unset(runs):
+    # Logging the tuned model sets MLflow's global URI (and MLFLOW_TRACKING_URI with it): left
+    # set, the next run or `smpo compare` of this process, on another store, would read and
+    # write this store's database (tests/test_compare.py failed after this file so).
+    assert runs["tracking_after_run"] is None
 
 
 def test_download_drops_what_cannot_train(runs):
@@ -428,6 +437,8 @@ def test_trained_weights_load_back_from_mlflow_into_a_diffusers_pipeline(runs, w
     import pandas as pd
     from diffusers import StableDiffusionPipeline
 
+    from stages.tracking import global_tracking_uri
+
     client, experiment, parents = _parent_runs(runs)
     parent = parents[0] if which == "first" else parents[-1]
     train = _stage_run(client, experiment, parent, "train")
@@ -436,8 +447,8 @@ def test_trained_weights_load_back_from_mlflow_into_a_diffusers_pipeline(runs, w
     assert (logged.experiment_id, logged.source_run_id, str(logged.status)) == (
         experiment.experiment_id, train.info.run_id, "READY")
     assert logged.artifact_location.startswith((runs["store"] / "mlflow-artifacts").as_uri())
-    mlflow.set_tracking_uri(client.tracking_uri)
-    model = mlflow.pyfunc.load_model(uri)
+    with global_tracking_uri(client.tracking_uri):
+        model = mlflow.pyfunc.load_model(uri)
     pipe = model.unwrap_python_model().pipeline
     assert isinstance(pipe, StableDiffusionPipeline)
     folder = Path(runs[which]["train"]["path"])

@@ -47,6 +47,7 @@ def test_grid_values_on_the_command_line():
     (GRID, {"concurrency": 0}, "sweep concurrency 0: expected 1 or more"),
     (GRID, {"concurrency": 2, "devices": ["cuda:0"]},
      "sweep devices ['cuda:0']: 2 variants run at once, so give at least 2 devices"),
+    (GRID, {"devices": ["gpu0"]}, "sweep device 'gpu0': Invalid device string"),
 ])
 def test_a_bad_sweep_is_refused_before_anything_runs(tmp_path, grid, kwargs, message):
     with pytest.raises(SmpoError) as error:
@@ -75,12 +76,14 @@ def swept(tmp_path_factory):
     running: list[int] = []  # trainings running now; the most at once is recorded
     most = [0]
     trained: list[tuple[float, str]] = []
+    devices: set[str] = set()  # the model.device each training ran with
     lock = threading.Lock()
     fault = [True]
 
     def watched_training(job, *args, **kwargs):
         settings = job.settings
         with lock:
+            devices.add(settings.model.device)
             running.append(1)
             most[0] = max(most[0], len(running))
         try:
@@ -97,7 +100,8 @@ def swept(tmp_path_factory):
     small = [*FAST, "train.max_steps=2", "evaluate.num_prompts=2",
              "evaluate.metrics={pickscore: builtin:tiny-clip}"]
     command = ["sweep", "--grid", "train.beta=1000,5000", "--grid", "train.labels=smoothed,human",
-               "--concurrency", "2", "--store", str(store),
+               # Two device slots, one per running variant: on this CPU both are the CPU.
+               "--concurrency", "2", "--devices", "cpu,cpu", "--store", str(store),
                *[arg for item in small for arg in ("--set", item)]]
     with pytest.MonkeyPatch.context() as mp, prefect_test_harness(server_startup_timeout=120):
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
@@ -108,7 +112,7 @@ def swept(tmp_path_factory):
         fault[0] = False
         second = main(command)
     return {"store": store, "first": first, "second": second, "first_trained": first_trained,
-            "most": first_most, "second_trained": list(trained)}
+            "most": first_most, "second_trained": list(trained), "devices": devices}
 
 
 def _runs(store: Path):
@@ -128,6 +132,7 @@ def test_a_failing_variant_leaves_the_others_finished_on_one_cache(swept):
         assert len([p for p in (store / stage).iterdir() if (p / "manifest.json").is_file()]) \
             == 1, stage
     assert swept["most"] <= 2  # never more trainings at once than the concurrency limit
+    assert swept["devices"] == {"cpu"}  # each on its slot's device, not model.device's auto
 
 
 def _most_at_once(runs) -> int:
