@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from smpo_core import faults
 from smpo_core.errors import SmpoError
-from smpo_core.inversion import renoise_invert, renoise_invert_to
+from smpo_core.inversion import renoise_invert
 from smpo_core.models import (
     DiffusionModel,
     PromptEmbeds,
@@ -83,8 +83,11 @@ def invert_pair_batch(
     """VAE-encode both images of each pair, encode its caption, ReNoise-invert with the UNet.
 
     The VAE posterior sample of image i of a pair is seeded by (seed, pair_id, i).
-    `top` (one level index per pair): invert each pair only up to that level, as training
-    that reads no higher level needs; its higher levels are NaN (`renoise_invert_to`).
+    `top` (one level index per pair, -1 for none): a planned cache's batch. The batch is
+    inverted, every pair of it, up to its highest `top` and no further; the levels above are
+    NaN. Every pair of it, because a UNet call over fewer rows rounds differently: this way
+    each level kept is the full cache's (the same batches, `top` None) bit for bit, so
+    training from either is the same run. A batch whose pairs need no level runs no UNet.
     """
     jpegs = [row[f"jpg_{i}"] for row in rows for i in (0, 1)]
     pixels = torch.stack([jpeg_to_pixels(data, resolution) for data in jpegs])
@@ -98,14 +101,13 @@ def invert_pair_batch(
     eps_fn = noise_predictor(model.unet, prompt.hidden.repeat_interleave(2, dim=0), pooled,
                              time_ids, model.prediction_type, model.alphas_cumprod.to(z0.device))
     alphas = model.alphas_cumprod.to(z0.device)
-    with torch.no_grad():
-        if top is None:
-            z = renoise_invert(eps_fn, z0, list(levels), alphas, renoise_steps=renoise_steps,
-                               average=average)  # (K, 2B, C, H, W)
-        else:
-            z = renoise_invert_to(eps_fn, z0, list(levels),
-                                  torch.tensor(top).repeat_interleave(2), alphas,
-                                  renoise_steps=renoise_steps, average=average)
+    highest = len(levels) - 1 if top is None else max(top)
+    z = torch.full((len(levels), *z0.shape), float("nan"), dtype=torch.float32,
+                   device=z0.device)  # (K, 2B, C, H, W)
+    if highest >= 0:
+        with torch.no_grad():
+            z[:highest + 1] = renoise_invert(eps_fn, z0, list(levels)[:highest + 1], alphas,
+                                             renoise_steps=renoise_steps, average=average)
     batch = len(rows)
     z = z.movedim(0, 1).reshape(batch, 2, len(levels), *z0.shape[1:])
     return InvertedBatch(
