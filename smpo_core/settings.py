@@ -241,8 +241,9 @@ class TrainSettings(Section):
     checkpoint_every: int = runtime_setting(50, "Save resumable training state every N steps.")
     log_every: int = runtime_setting(1, "Log metrics every N optimiser steps.")
     prefetch: bool = runtime_setting(
-        True, "Read the next micro-batch from the trajectory cache in a background thread "
-        "while the current one computes (into pinned memory on a GPU).")
+        False, "Read the next micro-batch from the trajectory cache in a background thread "
+        "while the current one computes (into pinned memory on a GPU). Off by default: on "
+        "the CPU it measured 0.91x (make bench); bench/gpu.sh measures the pinned copy.")
     num_processes: Annotated[int, Field(gt=0)] = runtime_setting(
         1, "Processes (GPUs) for training, on all machines together; > 1 runs the training "
         "under `accelerate launch`.")

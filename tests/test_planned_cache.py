@@ -149,3 +149,27 @@ def test_a_beta_sweep_shares_one_planned_cache_and_another_plan_does_not():
     full = stage_key_for(load_settings("tiny", SMALL), "invert", {"download": "d"})
     assert full == stage_key_for(load_settings("tiny", [*SMALL, "train.seed=1"]), "invert",
                                  {"download": "d"})
+
+
+@pytest.mark.integration
+def test_prefetching_the_next_micro_batch_trains_the_same_run(caches, tmp_path, monkeypatch):
+    import json
+
+    from smpo_core.acceleration import Prefetcher
+
+    served: list[bool] = []  # per micro-batch read: was it loaded ahead, in the background?
+    get = Prefetcher.get
+
+    def recording(self, key):
+        served.append(key in self._pending)
+        return get(self, key)
+
+    monkeypatch.setattr(Prefetcher, "get", recording)
+    _train(caches, "full", tmp_path / "off", "train.prefetch=false")
+    assert served == []
+    _train(caches, "full", tmp_path / "on", "train.prefetch=true")
+    # 3 steps x 2 micro-batches; every one but the first was read while the one before ran.
+    assert served == [False] + [True] * 5
+    losses = [[entry["loss"] for entry in json.loads((tmp_path / r / HISTORY).read_text())]
+              for r in ("off", "on")]
+    assert len(losses[0]) == 3 and losses[0] == losses[1]
