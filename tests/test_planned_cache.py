@@ -173,3 +173,36 @@ def test_prefetching_the_next_micro_batch_trains_the_same_run(caches, tmp_path, 
     losses = [[entry["loss"] for entry in json.loads((tmp_path / r / HISTORY).read_text())]
               for r in ("off", "on")]
     assert len(losses[0]) == 3 and losses[0] == losses[1]
+
+
+def test_a_planned_batch_is_the_full_batch_up_to_its_highest_level(tmp_path, monkeypatch):
+    from diffusers import UNet2DConditionModel
+
+    from smpo_core.inversion import inversion_levels
+    from smpo_core.models import load_diffusion
+    from smpo_core.trajectories import invert_pair_batch
+    from smpo_core.worlds.tiny import build_tiny_diffusion, trainable_pairs
+
+    model = load_diffusion(str(build_tiny_diffusion(tmp_path / "sd")), torch.device("cpu"),
+                           torch.float32)
+    rows = trainable_pairs(tmp_path / "data", 2, seed=1)
+    levels = inversion_levels(5, 1000)
+    calls = []
+    forward = UNet2DConditionModel.forward
+
+    def counting(self, sample, *args, **kwargs):
+        calls.append(sample.shape[0])
+        return forward(self, sample, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counting)
+    full = invert_pair_batch(model, rows, levels, 32, 1, "mean")
+    assert calls == [4] * 5 * 2  # both pairs (4 images), K levels, 1 + R forwards each
+    calls.clear()
+    planned = invert_pair_batch(model, rows, levels, 32, 1, "mean", top=[1, 3])
+    # Both pairs climb to level 3, the batch's highest, and not beyond; bit for bit the same.
+    assert calls == [4] * 4 * 2
+    assert torch.equal(planned.z[:, :, :4], full.z[:, :, :4])
+    assert planned.z[:, :, 4:].isnan().all() and torch.equal(planned.z0, full.z0)
+    calls.clear()
+    unread = invert_pair_batch(model, rows, levels, 32, 1, "mean", top=[-1, -1])
+    assert calls == [] and unread.z.isnan().all() and torch.equal(unread.z0, full.z0)
