@@ -11,9 +11,11 @@ online cost a lottery).
 - cached: the pair's latent at level k is read from a trajectory computed beforehand with the
   frozen base (the invert stage); the step is policy forward + backward and a reference
   forward per image.
-- online (the baseline, the authors' way): the same step, after inverting each pair with the
-  policy, without gradients, from z_0 up to level k only (`renoise_invert_to`): (k + 1) (1 + R)
-  UNet forwards per image, (K + 1) (1 + R) / 2 on average.
+- online (the baseline, the authors' way): the same step, after VAE-encoding the pairs'
+  images and encoding their captions (`bench/run.py`; their training script does so every
+  step) and inverting each pair with the policy, without gradients, from z_0 up to level k
+  only (`renoise_invert_to`): (k + 1) (1 + R) UNet forwards per image, (K + 1) (1 + R) / 2 on
+  average.
 - online-all-K (reported, not a baseline): inverting all K levels every step, what this bench
   compared against before; it flatters the cache by about 2x in inversion work.
 
@@ -37,7 +39,7 @@ from smpo_core.inversion import forward_noise, implied_noise, inversion_levels, 
 from smpo_core.losses import preference_loss
 from smpo_core.models import DiffusionModel, condition_rows, load_diffusion, resolve_device
 from smpo_core.training import PairBatch, bare, pair_errors, predict_pairs
-from smpo_core.trajectories import invert_pair_batch
+from smpo_core.trajectories import encode_pair_batch, invert_pair_batch
 from smpo_core.worlds.tiny import MEDIUM_UNET, TINY_UNET, build_tiny_diffusion, trainable_pairs
 
 SIZES = {"tiny": (TINY_UNET, 32), "medium": (MEDIUM_UNET, 64)}  # UNet, image px (latent = px/2)
@@ -131,10 +133,14 @@ def train_step(policy, reference, optimizer, batch: PairBatch, z_level: torch.Te
 
 def measure_train_steps(model: DiffusionModel, cache: PairBatch, levels: list[int],
                         micro_batch: int, steps: int, renoise_steps: int = 1,
-                        with_all_levels: bool = True) -> dict:
+                        with_all_levels: bool = True, rows: list[dict] | None = None,
+                        resolution: int = 0) -> dict:
     """Seconds per step and pairs/s of cached, online (to level k) and online-all-K training,
     each variant with its own copy of the policy, over the same draws. `cache` holds the
-    full trajectory of the pairs (B, 2, K, ...); step i trains on pairs i*B..i*B+B-1."""
+    full trajectory of the pairs (B, 2, K, ...); step i trains on pairs i*B..i*B+B-1.
+    With `rows` (the pairs' images and captions), an online step first VAE-encodes its
+    pairs' images and encodes their captions, as the authors' training does every step;
+    the cached step reads both from the cache."""
     alphas = model.alphas_cumprod
     n = cache.z0.shape[0]
     t, k = stratified_draws(levels, len(alphas), (steps + 1) * micro_batch)
@@ -153,6 +159,11 @@ def measure_train_steps(model: DiffusionModel, cache: PairBatch, levels: list[in
             if source == "cached":
                 z_level = cache.z[pairs, :, ks]
             else:
+                if rows is not None:
+                    with torch.no_grad():
+                        encoded = encode_pair_batch(model, [rows[p] for p in pairs.tolist()],
+                                                    resolution)
+                    batch.z0, batch.text = encoded.z0, encoded.text
                 z_level = level_latents_online(policy, batch, ks, alphas, levels, renoise_steps,
                                                all_levels=source == "online-all-K")
             return train_step(policy, reference, optimizer, batch, z_level, ks, ts, alphas,

@@ -6,7 +6,8 @@ classic three-matmul attention), channels-last memory layout, `torch.compile` of
 parts used for inference only (a compiled module that is trained would recompile on every
 shape and graph break of the backward pass; inference shapes are fixed). `Prefetcher` loads
 cache rows ahead into pinned host memory, so their copy to the GPU overlaps compute; the
-training loop does not use it yet. `bench/gpu.sh` measures each fast path on and off.
+training loop reads the next micro-batch through it (`train.prefetch`, `CachedPairs`).
+`bench/gpu.sh` measures each fast path on and off, `make bench` the prefetch on the CPU.
 """
 
 from __future__ import annotations

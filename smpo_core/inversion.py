@@ -176,20 +176,26 @@ def renoise_invert_to(
                          f"sample ({z0.shape[0]}), got {top.tolist()}")
     abar = alphas_cumprod.tolist()
     z_a = _working(z0)
-    trajectory = torch.full((len(checked), *z_a.shape), float("nan"), dtype=z_a.dtype,
-                            device=z_a.device)
+    # Each level like z_a, memory format included: a VAE hands out channels-last latents, and
+    # a convolution over another layout rounds differently, so the levels kept would not be
+    # renoise_invert's bit for bit.
+    trajectory = [torch.full_like(z_a, float("nan")) for _ in checked]
     t_a, abar_a = 0, 1.0
     for j, t_b in enumerate(checked[:int(top.max()) + 1]):
         rows = (top >= j).nonzero().squeeze(1)
-        z_rows = z_a[rows.to(z_a.device)]
+        every = len(rows) == len(top)
+        z_rows = z_a if every else z_a[rows.to(z_a.device)]
 
         def eps(z: torch.Tensor, t: int, rows: torch.Tensor = rows) -> torch.Tensor:
             return eps_fn(z, t, rows)
 
-        trajectory[j, rows.to(z_a.device)] = _renoise_step(
-            eps, z_rows, t_a, abar_a, t_b, abar[t_b], renoise_steps, average)
+        z_b = _renoise_step(eps, z_rows, t_a, abar_a, t_b, abar[t_b], renoise_steps, average)
+        if every:
+            trajectory[j] = z_b
+        else:
+            trajectory[j][rows.to(z_a.device)] = z_b
         z_a, t_a, abar_a = trajectory[j], t_b, abar[t_b]
-    return trajectory
+    return torch.stack(trajectory)
 
 
 @torch.no_grad()

@@ -193,7 +193,8 @@ def setup(job: TrainJob) -> Trainer:
     if cfg.trajectory == "inversion" and cfg.trajectory_source == "cache":
         check_levels_cached(cache, plan, cfg.max_steps)
     data = CachedPairs(cache, weight, winner, device=device, load_levels=(
-        cfg.trajectory == "inversion" and cfg.trajectory_source == "cache"))
+        cfg.trajectory == "inversion" and cfg.trajectory_source == "cache"),
+        prefetch=cfg.prefetch)
     step_cfg = StepConfig(cfg.method, cfg.trajectory, cfg.trajectory_source, cfg.beta, levels,
                           settings.invert.renoise_steps, settings.invert.average,
                           scheduler.config.prediction_type)

@@ -311,14 +311,24 @@ def train_loop(
                          f"gradient_accumulation_steps = {plan.effective_batch} / "
                          f"({loop.micro_batch} x {world}), a whole number; it has "
                          f"{accelerator.gradient_accumulation_steps}")
+    def parts(step: int) -> list[StepPlan]:  # this process's micro-batches of a step
+        drawn = plan.step(step)
+        return [drawn.slice(micro * world + rank, loop.micro_batch)
+                for micro in range(accumulation)]
+
+    ahead = getattr(load_batch, "ahead", None)  # a loader that can read the next one early
     last: dict[str, float] = {}
+    upcoming = parts(start_step) if start_step < loop.max_steps else []
     for step in range(start_step, loop.max_steps):
         started = time.perf_counter()
-        drawn = plan.step(step)
+        current, upcoming = upcoming, parts(step + 1) if step + 1 < loop.max_steps else []
         totals: dict[str, float] = {}
-        for micro in range(accumulation):
-            part = drawn.slice(micro * world + rank, loop.micro_batch)
+        for micro, part in enumerate(current):
             batch = load_batch(part)
+            # Read the next micro-batch while this one computes (one read at a time: the
+            # cache's file handles are not shared between threads).
+            if ahead is not None and (later := [*current[micro + 1:], *upcoming]):
+                ahead(later[0])
             with accelerator.accumulate(policy), accelerator.autocast():
                 loss, metrics = smpo_loss(policy, reference, batch, part, alphas_cumprod,
                                           step_cfg)
@@ -374,25 +384,41 @@ def make_optimizer(name: str, params, lr: float, weight_decay: float) -> torch.o
 
 class CachedPairs:
     """Micro-batches from the trajectory cache: the pairs a plan slice names, with the
-    empty caption where the plan drops it."""
+    empty caption where the plan drops it. With `prefetch`, `ahead(plan)` starts reading a
+    slice in a background thread (into pinned memory on a GPU, `acceleration.Prefetcher`), so
+    the read and the copy to the device overlap the step before it."""
 
     def __init__(self, cache, weight: torch.Tensor, winner: torch.Tensor, load_levels: bool,
-                 device: torch.device):
+                 device: torch.device, prefetch: bool = False):
+        from smpo_core.acceleration import Prefetcher
+
         self.cache, self.weight, self.winner = cache, weight, winner
         self.load_levels, self.device = load_levels, device
+        self.prefetcher = Prefetcher(self._rows, device) if prefetch else None
 
-    def __call__(self, plan: StepPlan) -> PairBatch:
-        positions = plan.positions.tolist()
+    @staticmethod
+    def _key(plan: StepPlan) -> tuple:
+        return tuple(plan.positions.tolist()), tuple(plan.drop_caption.tolist())
+
+    def _rows(self, key: tuple) -> dict[str, torch.Tensor]:
+        """The slice's tensors on the CPU, float32, captions dropped where the plan says."""
+        positions, drop = list(key[0]), torch.tensor(key[1], dtype=torch.bool)
         names = ["z0", "text", "pooled", "time_ids"] + (["z"] if self.load_levels else [])
         rows = {k: v.float() for k, v in self.cache.get(positions, names).items()}
-        drop = plan.drop_caption
         rows["text"][drop] = self.cache.empty_text.float()
         if "pooled" in rows:
             rows["pooled"][drop] = self.cache.empty_pooled.float()
-        rows = {k: v.to(self.device) for k, v in rows.items()}
+        return rows | {"weight": self.weight[positions], "winner": self.winner[positions]}
+
+    def ahead(self, plan: StepPlan) -> None:
+        if self.prefetcher is not None:
+            self.prefetcher.ahead(self._key(plan))
+
+    def __call__(self, plan: StepPlan) -> PairBatch:
+        key = self._key(plan)
+        rows = (self.prefetcher.get(key) if self.prefetcher is not None else
+                {k: v.to(self.device) for k, v in self._rows(key).items()})
         return PairBatch(
-            z0=rows["z0"], z=rows.get("z"), text=rows["text"],
-            weight=self.weight[positions].to(self.device),
-            winner=self.winner[positions].to(self.device),
-            pooled=rows.get("pooled"), time_ids=rows.get("time_ids"),
+            z0=rows["z0"], z=rows.get("z"), text=rows["text"], weight=rows["weight"],
+            winner=rows["winner"], pooled=rows.get("pooled"), time_ids=rows.get("time_ids"),
         )

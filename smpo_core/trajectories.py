@@ -29,7 +29,7 @@ from safetensors.torch import save_file
 
 from smpo_core import faults
 from smpo_core.errors import SmpoError
-from smpo_core.inversion import renoise_invert, renoise_invert_to
+from smpo_core.inversion import renoise_invert
 from smpo_core.models import (
     DiffusionModel,
     PromptEmbeds,
@@ -70,6 +70,39 @@ class InvertedBatch:
         return {name: getattr(self, name) for name in names if getattr(self, name) is not None}
 
 
+def _encode(model: DiffusionModel, rows: list[dict[str, Any]], resolution: int, seed: int
+            ) -> tuple[torch.Tensor, PromptEmbeds, torch.Tensor | None]:
+    """z0 (2B, C, H, W) pair-major, as the VAE lays it out (its memory format decides the
+    UNet's rounding), the captions' embeddings, and SDXL's time ids (2B, 6)."""
+    jpegs = [row[f"jpg_{i}"] for row in rows for i in (0, 1)]
+    pixels = torch.stack([jpeg_to_pixels(data, resolution) for data in jpegs])
+    seeds = [(seed * 1_000_003 + 2 * row["pair_id"] + i) % 2**63 for row in rows for i in (0, 1)]
+    z0 = encode_images(model, pixels, seeds)
+    prompt = encode_captions(model, [row["caption"] for row in rows])
+    time_ids = (micro_conditions([image_size(data) for data in jpegs], resolution)
+                if model.is_sdxl else None)
+    return z0, prompt, time_ids
+
+
+def _batch(z0: torch.Tensor, z: torch.Tensor, prompt: PromptEmbeds,
+           time_ids: torch.Tensor | None) -> InvertedBatch:
+    """z0 (2B, C, H, W) and z (K, 2B, C, H, W) as an InvertedBatch of B pairs."""
+    batch = z0.shape[0] // 2
+    return InvertedBatch(
+        z0.reshape(batch, 2, *z0.shape[1:]),
+        z.movedim(0, 1).reshape(batch, 2, z.shape[0], *z0.shape[1:]), prompt.hidden,
+        prompt.pooled, time_ids.view(batch, 2, 6) if time_ids is not None else None)
+
+
+def encode_pair_batch(model: DiffusionModel, rows: list[dict[str, Any]], resolution: int,
+                      seed: int = 0) -> InvertedBatch:
+    """VAE-encode both images of each pair and encode its caption, with no level (`z` is
+    (B, 2, 0, C, H, W)): what the authors' online training computes at every step. The VAE
+    posterior sample of image i of a pair is seeded by (seed, pair_id, i)."""
+    z0, prompt, time_ids = _encode(model, rows, resolution, seed)
+    return _batch(z0, z0.new_empty((0, *z0.shape)), prompt, time_ids)
+
+
 def invert_pair_batch(
     model: DiffusionModel,
     rows: list[dict[str, Any]],
@@ -80,38 +113,27 @@ def invert_pair_batch(
     seed: int = 0,
     top: Sequence[int] | None = None,
 ) -> InvertedBatch:
-    """VAE-encode both images of each pair, encode its caption, ReNoise-invert with the UNet.
+    """`encode_pair_batch`, then ReNoise-invert both images of each pair with the UNet.
 
-    The VAE posterior sample of image i of a pair is seeded by (seed, pair_id, i).
-    `top` (one level index per pair): invert each pair only up to that level, as training
-    that reads no higher level needs; its higher levels are NaN (`renoise_invert_to`).
+    `top` (one level index per pair, -1 for none): a planned cache's batch. The batch is
+    inverted, every pair of it, up to its highest `top` and no further; the levels above are
+    NaN. Every pair of it, because a UNet call over fewer rows rounds differently: this way
+    each level kept is the full cache's (the same batches, `top` None) bit for bit, so
+    training from either is the same run. A batch whose pairs need no level runs no UNet.
     """
-    jpegs = [row[f"jpg_{i}"] for row in rows for i in (0, 1)]
-    pixels = torch.stack([jpeg_to_pixels(data, resolution) for data in jpegs])
-    seeds = [(seed * 1_000_003 + 2 * row["pair_id"] + i) % 2**63 for row in rows for i in (0, 1)]
-    z0 = encode_images(model, pixels, seeds)  # (2B, C, H, W), pair-major
-    prompt = encode_captions(model, [row["caption"] for row in rows])
-    pooled = time_ids = None
-    if model.is_sdxl:
-        pooled = prompt.pooled.repeat_interleave(2, dim=0)
-        time_ids = micro_conditions([image_size(data) for data in jpegs], resolution)
-    eps_fn = noise_predictor(model.unet, prompt.hidden.repeat_interleave(2, dim=0), pooled,
-                             time_ids, model.prediction_type, model.alphas_cumprod.to(z0.device))
+    z0, prompt, time_ids = _encode(model, rows, resolution, seed)
+    pooled = None if prompt.pooled is None else prompt.pooled.repeat_interleave(2, dim=0)
     alphas = model.alphas_cumprod.to(z0.device)
-    with torch.no_grad():
-        if top is None:
-            z = renoise_invert(eps_fn, z0, list(levels), alphas, renoise_steps=renoise_steps,
-                               average=average)  # (K, 2B, C, H, W)
-        else:
-            z = renoise_invert_to(eps_fn, z0, list(levels),
-                                  torch.tensor(top).repeat_interleave(2), alphas,
-                                  renoise_steps=renoise_steps, average=average)
-    batch = len(rows)
-    z = z.movedim(0, 1).reshape(batch, 2, len(levels), *z0.shape[1:])
-    return InvertedBatch(
-        z0.reshape(batch, 2, *z0.shape[1:]), z, prompt.hidden, prompt.pooled,
-        time_ids.view(batch, 2, 6) if time_ids is not None else None,
-    )
+    eps_fn = noise_predictor(model.unet, prompt.hidden.repeat_interleave(2, dim=0), pooled,
+                             time_ids, model.prediction_type, alphas)
+    highest = len(levels) - 1 if top is None else max(top)
+    z = torch.full((len(levels), *z0.shape), float("nan"), dtype=torch.float32,
+                   device=z0.device)  # (K, 2B, C, H, W)
+    if highest >= 0:
+        with torch.no_grad():
+            z[:highest + 1] = renoise_invert(eps_fn, z0, list(levels)[:highest + 1], alphas,
+                                             renoise_steps=renoise_steps, average=average)
+    return _batch(z0, z, prompt, time_ids)
 
 
 def complete_shards(folder: Path) -> int:

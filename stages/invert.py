@@ -70,7 +70,8 @@ def invert_shards(settings: Settings, store: Path, pairs_dir: Path, out_dir: Pat
     keep, plan = None, None
     if cfg.levels == "planned":
         # Only what the training run these settings describe reads: the pairs it draws, each
-        # inverted up to the highest level it is read at, and stored at the levels read.
+        # batch inverted up to the highest level one of its pairs is read at (invert.batch_size
+        # 1: each pair only up to its own), and stored at the levels read.
         plan = settings.section("invert").borrowed_settings(settings)["train.plan"]
         read = levels_read(TrainingPlan.of_run(settings.train, levels, pairs,
                                                model.scheduler.config.num_train_timesteps),
@@ -94,11 +95,14 @@ def invert_shards(settings: Settings, store: Path, pairs_dir: Path, out_dir: Pat
             "stored_levels": cfg.levels, "plan": plan,
         }, empty_text)
 
+    inverted = [0]  # pairs x levels the UNet ran (a planned batch climbs to its highest)
+
     def invert(rows):
         top = None if keep is None else [max(keep[row["position"]], default=-1)
                                          for row in rows]
         batch = invert_pair_batch(model, rows, levels, model_cfg.resolution, cfg.renoise_steps,
                                   cfg.average, cfg.seed, top)
+        inverted[0] += len(rows) * (len(levels) if top is None else max(top) + 1)
         if on_pairs:
             on_pairs(len(rows))
         return batch
@@ -107,12 +111,9 @@ def invert_shards(settings: Settings, store: Path, pairs_dir: Path, out_dir: Pat
         pairs_dir, positions, columns=["pair_id", "caption", "jpg_0", "jpg_1"])))
     stats = build_cache(out_dir, rows, invert, cfg.batch_size, cfg.shard_pairs,
                         keep=None if keep is None else keep.__getitem__, owned=owned)
-    levels_inverted = (len(levels) * pairs if keep is None
-                       else sum(max(kept, default=-1) + 1 for kept in keep))
     return stats | {"levels": levels, "expected_bytes": size, "source_pairs": source_pairs,
                     "pair_levels_stored": stored or len(levels) * pairs,
-                    "unet_forwards_per_image": levels_inverted * (1 + cfg.renoise_steps)
-                    / max(pairs, 1)}
+                    "pair_levels_inverted": inverted[0]}
 
 
 def compute(run: StageRun) -> dict[str, Any]:
@@ -143,7 +144,9 @@ def compute(run: StageRun) -> dict[str, Any]:
             "levels": stats["levels"], "stored_levels": cfg.levels,
             "pair_levels_stored": stats["pair_levels_stored"],
             "expected_bytes": stats["expected_bytes"], "bytes": stats["bytes_written"],
-            "unet_forwards_per_image": stats["unet_forwards_per_image"],
+            # This run's UNet work (shards resumed from a crash not counted).
+            "unet_forwards_per_image": stats["pair_levels_inverted"] * (1 + cfg.renoise_steps)
+            / max(stats["pairs"], 1),
             "num_processes": cfg.num_processes}
 
 
@@ -165,7 +168,8 @@ def _process(spec: dict[str, Any]) -> dict[str, Any]:
         log=say)
     every = gather_object([stats])
     return stats | {key: sum(s[key] for s in every) for key in ("resumed_shards",
-                                                                 "bytes_written")}
+                                                                 "bytes_written",
+                                                                 "pair_levels_inverted")}
 
 
 def main(argv: list[str] | None = None) -> None:
