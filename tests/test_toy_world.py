@@ -129,3 +129,34 @@ def test_toy_prompts_are_every_caption_once_styled_by_background(tmp_path):
     prompts = load_prompt_set(builtins.resolve("builtin:toy-prompts", tmp_path))
     assert sorted(prompts.prompts) == sorted(scenes.all_captions())
     assert set(prompts.styles) == {"white background", "grey background", "black background"}
+
+
+class _StubVae:
+    """A VAE stand-in whose round trip is known: the identity, or one that keeps luminance
+    and drops colour (what an undertrained VAE did to the first toy base model)."""
+
+    def __init__(self, grey: bool):
+        self.grey = grey
+
+    def encode(self, images):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: images))
+
+    def decode(self, latents):
+        from types import SimpleNamespace
+
+        if self.grey:
+            latents = latents.mean(dim=1, keepdim=True).expand_as(latents)
+        return SimpleNamespace(sample=latents)
+
+
+def test_reconstruction_check_counts_what_the_detector_still_sees():
+    from smpo_core.worlds.toy.pretrain import MIN_RECONSTRUCTED, reconstructed
+
+    perfect = reconstructed(_StubVae(grey=False), random.Random(3), count=64)
+    assert perfect["scenes"] == 64
+    assert perfect["recognisable"] >= MIN_RECONSTRUCTED and perfect["colour"] == 1.0
+    greyed = reconstructed(_StubVae(grey=True), random.Random(3), count=64)
+    assert greyed["colour"] <= 0.3 and greyed["recognisable"] <= 0.3
+    assert greyed["shape"] >= 0.8  # the shape survives in luminance
