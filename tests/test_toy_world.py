@@ -160,3 +160,12 @@ def test_reconstruction_check_counts_what_the_detector_still_sees():
     greyed = reconstructed(_StubVae(grey=True), random.Random(3), count=64)
     assert greyed["colour"] <= 0.3 and greyed["recognisable"] <= 0.3
     assert greyed["shape"] >= 0.8  # the shape survives in luminance
+
+
+def test_toy_profile_keeps_the_toy_worlds_image_size():
+    """The download stage drops pairs with images under `min_image_side`: the toy profile
+    must let the world's 32x32 images through (the 64 px default dropped all 232 pairs)."""
+    from smpo_core.settings import load_settings
+
+    assert load_settings("toy").download.min_image_side <= scenes.IMAGE_SIZE
+    assert load_settings("toy").model.resolution == scenes.IMAGE_SIZE
