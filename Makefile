@@ -6,7 +6,7 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo toy-demo study test test-slow lint clean-store reference-check bench
+.PHONY: install demo toy-demo toy-world study test test-slow lint clean-store reference-check bench
 
 install: $(STAMP)
 
@@ -27,6 +27,15 @@ demo: install
 # Meant to become `make demo` once the committed base model is recognisable (README).
 toy-demo: install
 	$(BIN)/smpo run --profile toy
+
+# After a new base model (weights/toy-sd, smpo_core/worlds/toy/README.md): the pairs the
+# pipeline scores, sampled from it and labelled by the annotators, then the reward model,
+# trained on four fifths of them (and drawn pairs) and measured on the fifth it never saw.
+TOY := smpo_core/worlds/toy/weights
+toy-world: install
+	$(BIN)/python -m smpo_core.worlds.toy.pairs $(TOY)/toy-pickapic --seed 0 --threads 1
+	$(BIN)/python -m smpo_core.worlds.toy.reward $(TOY)/toy-reward --pairs $(TOY)/toy-pickapic \
+		--steps 400 --batch 32 --threads 1
 
 # The five methods x three seeds on the toy world: study.json, table.md, curves.png in
 # smpo-store/study/ and one MLflow parent run with a child per method (flows/study.py).

@@ -129,3 +129,43 @@ def test_toy_prompts_are_every_caption_once_styled_by_background(tmp_path):
     prompts = load_prompt_set(builtins.resolve("builtin:toy-prompts", tmp_path))
     assert sorted(prompts.prompts) == sorted(scenes.all_captions())
     assert set(prompts.styles) == {"white background", "grey background", "black background"}
+
+
+class _StubVae:
+    """A VAE stand-in whose round trip is known: the identity, or one that keeps luminance
+    and drops colour (what an undertrained VAE did to the first toy base model)."""
+
+    def __init__(self, grey: bool):
+        self.grey = grey
+
+    def encode(self, images):
+        from types import SimpleNamespace
+
+        return SimpleNamespace(latent_dist=SimpleNamespace(mode=lambda: images))
+
+    def decode(self, latents):
+        from types import SimpleNamespace
+
+        if self.grey:
+            latents = latents.mean(dim=1, keepdim=True).expand_as(latents)
+        return SimpleNamespace(sample=latents)
+
+
+def test_reconstruction_check_counts_what_the_detector_still_sees():
+    from smpo_core.worlds.toy.pretrain import MIN_RECONSTRUCTED, reconstructed
+
+    perfect = reconstructed(_StubVae(grey=False), random.Random(3), count=64)
+    assert perfect["scenes"] == 64
+    assert perfect["recognisable"] >= MIN_RECONSTRUCTED and perfect["colour"] == 1.0
+    greyed = reconstructed(_StubVae(grey=True), random.Random(3), count=64)
+    assert greyed["colour"] <= 0.3 and greyed["recognisable"] <= 0.3
+    assert greyed["shape"] >= 0.8  # the shape survives in luminance
+
+
+def test_toy_profile_keeps_the_toy_worlds_image_size():
+    """The download stage drops pairs with images under `min_image_side`: the toy profile
+    must let the world's 32x32 images through (the 64 px default dropped all 232 pairs)."""
+    from smpo_core.settings import load_settings
+
+    assert load_settings("toy").download.min_image_side <= scenes.IMAGE_SIZE
+    assert load_settings("toy").model.resolution == scenes.IMAGE_SIZE

@@ -5,8 +5,12 @@ Pick-a-Pic cannot know: the population's true reward of both images of every pai
 
 from __future__ import annotations
 
+import argparse
 import io
+import json
 import random
+import sys
+import time
 import uuid
 from datetime import datetime, timedelta
 from pathlib import Path
@@ -90,5 +94,41 @@ def write_toy_pickapic(out_dir: Path, base: Path, population: Population, num_pa
                                  "annotator": annotators}), tmp)
     decided = labels != 0.5
     agree = (labels[decided] == 1.0) == (true_0[decided] > true_1[decided])
+    fidelity = np.concatenate([f0[:, 0], f1[:, 0]])
     return {"pairs": num_pairs, "ties": int((~decided).sum()),
-            "label_agrees_with_truth": float(agree.mean()) if decided.any() else 0.0}
+            "label_agrees_with_truth": float(agree.mean()) if decided.any() else 0.0,
+            "mean_true_reward": float(np.mean(np.concatenate([true_0, true_1]))),
+            "recognisable": float(np.mean(fidelity == 1.0))}
+
+
+def main(argv: list[str] | None = None) -> None:
+    """Build a toy Pick-a-Pic folder from a base model and write `pairs.json` beside it (the
+    command, the counts and the minutes it took)."""
+    from smpo_core.worlds.builtins import TOY_ANNOTATORS, TOY_PAIR_STEPS, TOY_PAIRS
+    from smpo_core.worlds.toy import WEIGHTS
+    from smpo_core.worlds.toy.annotators import population
+
+    parser = argparse.ArgumentParser(description="Sample and label toy Pick-a-Pic pairs.")
+    parser.add_argument("out_dir", type=Path)
+    parser.add_argument("--base", type=Path, default=WEIGHTS / "toy-sd")
+    parser.add_argument("--pairs", type=int, default=TOY_PAIRS)
+    parser.add_argument("--seed", type=int, default=0)
+    parser.add_argument("--steps", type=int, default=TOY_PAIR_STEPS, help="DDIM steps")
+    parser.add_argument("--threads", type=int, default=None)
+    args = parser.parse_args(argv)
+    if args.threads:
+        torch.set_num_threads(args.threads)
+    started = time.time()
+    counts = write_toy_pickapic(args.out_dir, args.base, population(count=TOY_ANNOTATORS,
+                                                                    seed=0),
+                                args.pairs, seed=args.seed, steps=args.steps)
+    record = {"command": "python -m smpo_core.worlds.toy.pairs " + " ".join(
+        sys.argv[1:] if argv is None else argv), "seed": args.seed, "steps": args.steps,
+              "guidance_scale": 3.0} | counts | {
+        "minutes": round((time.time() - started) / 60, 1)}
+    (args.out_dir / "pairs.json").write_text(json.dumps(record, indent=1) + "\n")
+    print(json.dumps(record), flush=True)
+
+
+if __name__ == "__main__":
+    main()

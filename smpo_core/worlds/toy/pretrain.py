@@ -35,6 +35,12 @@ GUIDANCE_SCALE = 3.0  # the scale the toy profile samples with
 SAMPLE_STEPS = 20
 EMPTY_CAPTION_PROB = 0.1
 MAX_TOKENS = 16  # captions are 7 words: padding to CLIP's 77 would only cost time
+VAE_LR = 3e-3
+#: The UNet cannot draw better than the VAE decodes: below this share of recognisable
+#: reconstructions, UNet training would be time spent on a blurred world.
+MIN_RECONSTRUCTED = 0.95
+RECHECK_STEPS = 250
+EMA_DECAY = 0.999  # the saved UNet and text encoder are averages: constant-lr weights jitter
 
 
 def build_components(seed: int, width: int = 32) -> dict:
@@ -55,7 +61,9 @@ def build_components(seed: int, width: int = 32) -> dict:
             in_channels=3, out_channels=3, down_block_types=("DownEncoderBlock2D",) * 3,
             up_block_types=("UpDecoderBlock2D",) * 3, block_out_channels=(8, 16, 32),
             layers_per_block=1, latent_channels=4, sample_size=scenes.IMAGE_SIZE,
-            norm_num_groups=8)
+            # 2 groups, not 8: 8 groups of the first block's 8 channels would normalise each
+            # channel alone and wash out absolute colour (measured: colour learnt slower).
+            norm_num_groups=2)
         unet = UNet2DConditionModel(
             sample_size=scenes.IMAGE_SIZE // 4, in_channels=4, out_channels=4,
             layers_per_block=1, block_out_channels=(width, 2 * width),
@@ -76,25 +84,59 @@ def scene_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]
 
 
 def train_vae(vae, steps: int, batch: int, rng: random.Random,
-              log: Callable[[str], None]) -> float:
-    """Reconstruction training; returns the latent scaling factor (1 / std of the latents)."""
-    optimiser = torch.optim.AdamW(vae.parameters(), lr=1e-3, weight_decay=0.0)
-    vae.train()
-    for step in range(1, steps + 1):
-        images, _ = scene_batch(rng, batch)
-        posterior = vae.encode(images).latent_dist
-        recon = vae.decode(posterior.sample()).sample
-        loss = F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
-        optimiser.zero_grad()
-        loss.backward()
-        optimiser.step()
-        if step % 25 == 0 or step == steps:
-            log(f"vae step {step}/{steps} loss {loss.item():.4f} {time.strftime('%H:%M:%S')}")
-    vae.eval()
+              log: Callable[[str], None], lr: float = VAE_LR,
+              deadline: float | None = None) -> tuple[float, int, dict]:
+    """Reconstruction training, the learning rate decaying (cosine) to a tenth over `steps`,
+    then continuing at that tenth in rounds of RECHECK_STEPS until the detector recognises
+    MIN_RECONSTRUCTED of the reconstructions, `deadline` (a time.time() value) passes or
+    3 x `steps` are done.
+    Returns the latent scaling factor (1 / std of the latents), the steps done and the last
+    reconstruction check."""
+    optimiser = torch.optim.AdamW(vae.parameters(), lr=lr, weight_decay=0.0)
+    schedule = torch.optim.lr_scheduler.LambdaLR(
+        optimiser, lambda s: 0.1 + 0.45 * (1 + np.cos(np.pi * min(s, steps) / steps)))
+    check_rng = random.Random(f"vae-check-{rng.random()}")
+    step, verdict = 0, {}
+    while True:
+        vae.train()
+        for _ in range(steps if step == 0 else min(RECHECK_STEPS, steps)):
+            step += 1
+            images, _ = scene_batch(rng, batch)
+            posterior = vae.encode(images).latent_dist
+            recon = vae.decode(posterior.sample()).sample
+            loss = F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+            optimiser.zero_grad()
+            loss.backward()
+            optimiser.step()
+            schedule.step()
+            if step % 100 == 0:
+                log(f"vae step {step} loss {loss.item():.4f} {time.strftime('%H:%M:%S')}")
+        vae.eval()
+        verdict = reconstructed(vae, check_rng)
+        log(f"vae reconstructions after {step} steps: {verdict}")
+        if verdict["recognisable"] >= MIN_RECONSTRUCTED or step >= 3 * steps or (
+                deadline is not None and time.time() > deadline):
+            break
     with torch.no_grad():
         images, _ = scene_batch(rng, 64)
         latents = vae.encode(images).latent_dist.sample()
-    return float(1.0 / latents.std())
+    return float(1.0 / latents.std()), step, verdict
+
+
+def reconstructed(vae, rng: random.Random, count: int = 256) -> dict:
+    """The detector's verdict on decode(encode(x)) of `count` fresh drawn scenes (posterior
+    means): the share that still shows the drawn shape and colour, and each alone."""
+    scenes_drawn = [scenes.random_scene(rng) for _ in range(count)]
+    pixels = np.stack([np.asarray(scenes.draw(s), dtype=np.float32) for s in scenes_drawn])
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+    with torch.no_grad():
+        recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
+    recon = ((recon.clamp(-1, 1) + 1) * 127.5).round().permute(0, 2, 3, 1).numpy()
+    found = [detect(r.astype(np.uint8)) for r in recon]
+    shape = [f.shape == s.shape for f, s in zip(found, scenes_drawn, strict=True)]
+    colour = [f.colour == s.colour for f, s in zip(found, scenes_drawn, strict=True)]
+    return {"scenes": count, "recognisable": float(np.mean(np.logical_and(shape, colour))),
+            "shape": float(np.mean(shape)), "colour": float(np.mean(colour))}
 
 
 def encode_text(tokenizer, text_encoder, captions: list[str]) -> torch.Tensor:
@@ -107,12 +149,14 @@ def train_unet(parts: dict, steps: int, batch: int, lr: float, rng: random.Rando
                log: Callable[[str], None], deadline: float | None = None) -> int:
     """Denoising training of the UNet and text encoder; stops early at `deadline` (a
     time.time() value). Warm-up, then a constant learning rate, so that N steps of a run cut
-    short equal a run of N steps. Returns the steps done."""
+    short equal a run of N steps; the weights left are the exponential moving average
+    (EMA_DECAY) of the steps. Returns the steps done."""
     unet, vae, scheduler = parts["unet"], parts["vae"], parts["scheduler"]
     params = list(unet.parameters()) + list(parts["text_encoder"].parameters())
     optimiser = torch.optim.AdamW(params, lr=lr, weight_decay=1e-2)
     schedule = torch.optim.lr_scheduler.LambdaLR(
         optimiser, lambda s: min(1.0, (s + 1) / 50))
+    ema = [p.detach().clone() for p in params]
     unet.train()
     parts["text_encoder"].train()
     scale = vae.config.scaling_factor
@@ -131,11 +175,17 @@ def train_unet(parts: dict, steps: int, batch: int, lr: float, rng: random.Rando
         torch.nn.utils.clip_grad_norm_(params, 1.0)
         optimiser.step()
         schedule.step()
-        if step % 25 == 0 or step == steps:
+        with torch.no_grad():
+            decay = min(EMA_DECAY, (1 + step) / (10 + step))
+            torch._foreach_lerp_(ema, [p.detach() for p in params], 1 - decay)
+        if step % 100 == 0 or step == steps:
             log(f"unet step {step}/{steps} loss {loss.item():.4f} {time.strftime('%H:%M:%S')}")
         if deadline is not None and time.time() > deadline:
             log(f"unet: time budget spent after step {step}")
             break
+    with torch.no_grad():
+        for p, average in zip(params, ema, strict=True):
+            p.copy_(average)
     unet.eval()
     parts["text_encoder"].eval()
     return step
@@ -167,7 +217,7 @@ def sha256(path: Path) -> str:
 def pretrain(out_dir: Path, vae_steps: int = 300, unet_steps: int = 1000, batch: int = 32,
              lr: float = 2e-3, seed: int = 0, width: int = 32, command: str = "",
              log: Callable[[str], None] = print, max_minutes: float | None = None,
-             samples: int = 144) -> dict:
+             samples: int = 144, vae_lr: float = VAE_LR, vae_batch: int | None = None) -> dict:
     """Pretrain and save the toy pipeline into `out_dir` (atomically); returns its record.
     `max_minutes` caps the whole training: the UNet phase stops early, and the record says
     after how many steps (rerun with that many to reproduce it). `samples` images (each
@@ -178,11 +228,14 @@ def pretrain(out_dir: Path, vae_steps: int = 300, unet_steps: int = 1000, batch:
     rng = random.Random(seed)
     parts = build_components(seed, width)
     started = time.time()
-    parts["vae"].register_to_config(
-        scaling_factor=train_vae(parts["vae"], vae_steps, batch, rng, log))
+    deadline = started + 60 * max_minutes if max_minutes else None
+    # The VAE may take at most 40% of the budget (its rechecks stop there).
+    vae_deadline = started + 24 * max_minutes if max_minutes else None
+    scaling, vae_steps, vae_check = train_vae(parts["vae"], vae_steps, vae_batch or batch // 2,
+                                              rng, log, vae_lr, vae_deadline)
+    parts["vae"].register_to_config(scaling_factor=scaling)
     vae_seconds = time.time() - started
     parts["vae"].requires_grad_(False)
-    deadline = started + 60 * max_minutes if max_minutes else None
     unet_steps = train_unet(parts, unet_steps, batch, lr, rng, log, deadline)
     pipeline = StableDiffusionPipeline(**parts, safety_checker=None, feature_extractor=None,
                                        requires_safety_checker=False)
@@ -194,7 +247,9 @@ def pretrain(out_dir: Path, vae_steps: int = 300, unet_steps: int = 1000, batch:
     log(f"recognisable: {verdict}")
     record = {
         "command": command, "seed": seed, "vae_steps": vae_steps, "unet_steps": unet_steps,
-        "batch": batch, "learning_rate": lr, "width": width,
+        "batch": batch, "vae_batch": vae_batch or batch // 2, "learning_rate": lr,
+        "vae_learning_rate": vae_lr, "width": width, "ema_decay": EMA_DECAY,
+        "vae_reconstructions": vae_check,
         "vae_seconds": round(vae_seconds), "seconds": round(time.time() - started),
         "torch": torch.__version__, "detector": verdict | {
             "sampler": f"DDIM {SAMPLE_STEPS} steps, guidance {GUIDANCE_SCALE}"},
@@ -215,6 +270,9 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("--batch", type=int, default=32, help="scenes per UNet step (the "
                         "VAE takes half)")
     parser.add_argument("--lr", type=float, default=2e-3)
+    parser.add_argument("--vae-lr", type=float, default=VAE_LR)
+    parser.add_argument("--vae-batch", type=int, default=None, help="scenes per VAE step "
+                        "(default: half of --batch)")
     parser.add_argument("--width", type=int, default=32, help="UNet / VAE base channels")
     parser.add_argument("--seed", type=int, default=0)
     parser.add_argument("--max-minutes", type=float, default=None,
@@ -228,7 +286,7 @@ def main(argv: list[str] | None = None) -> None:
         sys.argv[1:] if argv is None else argv)
     pretrain(args.out_dir, args.vae_steps, args.unet_steps, args.batch, args.lr, args.seed,
              args.width, command, log=lambda line: print(line, flush=True),
-             max_minutes=args.max_minutes)
+             max_minutes=args.max_minutes, vae_lr=args.vae_lr, vae_batch=args.vae_batch)
 
 
 if __name__ == "__main__":

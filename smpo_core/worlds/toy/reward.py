@@ -116,21 +116,28 @@ def pair_accuracy(model, processor, pairs: list[tuple[str, Image.Image, Image.Im
 def train_reward_model(out_dir: Path, population: Population, pairs_dir: Path | None = None,
                        steps: int = 1500, batch: int = 64, lr: float = 5e-4, seed: int = 0,
                        held_out: float = 0.2, log: Callable[[str], None] = print,
-                       check_pairs: int = 512) -> dict:
+                       check_pairs: int = 512, held_out_dir: Path | None = None,
+                       drawn_share: float = 0.5) -> dict:
     """Fine-tune the tiny CLIP and save it to `out_dir` (PickScore's layout, atomically).
     Returns its pairwise accuracy on held-out base-model pairs (if given) and on
-    `check_pairs` fresh drawn pairs."""
+    `check_pairs` fresh drawn pairs. The held-out pairs are `held_out_dir`'s (the pairs the
+    model will score, sampled with another seed than `pairs_dir`'s), else a `held_out`
+    share of `pairs_dir`'s. Each batch is `drawn_share` freshly drawn pairs, the rest
+    base-model pairs."""
     rng = random.Random(f"toy-reward-{seed}")
     annotator_rng = np.random.default_rng(seed)
     model, processor = build_clip(seed)
     sampled = read_pairs(pairs_dir) if pairs_dir else []
     rng.shuffle(sampled)
-    cut = int(len(sampled) * held_out)
-    test_sampled, train_sampled = sampled[:cut], sampled[cut:]
+    if held_out_dir is not None:
+        test_sampled, train_sampled = read_pairs(held_out_dir), sampled
+    else:
+        cut = int(len(sampled) * held_out)
+        test_sampled, train_sampled = sampled[:cut], sampled[cut:]
     optimiser = torch.optim.AdamW(model.parameters(), lr=lr, weight_decay=1e-2)
     model.train()
     for step in range(1, steps + 1):
-        n_drawn = batch // 2 if train_sampled else batch
+        n_drawn = round(batch * drawn_share) if train_sampled else batch
         drawn = [_drawn_pair(rng) for _ in range(n_drawn)]
         f0 = np.stack([properties(p[1], p[0]) for p in drawn])
         f1 = np.stack([properties(p[2], p[0]) for p in drawn])
@@ -174,6 +181,11 @@ def main(argv: list[str] | None = None) -> None:
     parser.add_argument("out_dir", type=Path)
     parser.add_argument("--pairs", type=Path, default=None,
                         help="a toy Pick-a-Pic folder of base-model pairs to train on too")
+    parser.add_argument("--held-out", type=Path, default=None,
+                        help="a toy Pick-a-Pic folder to measure accuracy on (default: a "
+                        "fifth of --pairs)")
+    parser.add_argument("--drawn-share", type=float, default=0.5,
+                        help="share of each batch that is freshly drawn pairs")
     parser.add_argument("--steps", type=int, default=400)
     parser.add_argument("--batch", type=int, default=32)
     parser.add_argument("--seed", type=int, default=0)
@@ -184,7 +196,8 @@ def main(argv: list[str] | None = None) -> None:
     from smpo_core.worlds.toy.annotators import population
 
     result = train_reward_model(args.out_dir, population(), args.pairs, args.steps, args.batch,
-                                seed=args.seed, log=lambda line: print(line, flush=True))
+                                seed=args.seed, log=lambda line: print(line, flush=True),
+                                held_out_dir=args.held_out, drawn_share=args.drawn_share)
     record = {"command": "python -m smpo_core.worlds.toy.reward " + " ".join(
         sys.argv[1:] if argv is None else argv), "seed": args.seed, "steps": args.steps,
               "batch": args.batch, "accuracy": result,
