@@ -24,12 +24,15 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from flows.plan import plan_run, tracking_uri
+from flows.temporary_server import TemporaryServer
+from flows.temporary_server import launch as launch_temporary_server
 from smpo_core.environment import Environment, environment
 from smpo_core.errors import SmpoError
 from smpo_core.settings import (
@@ -204,11 +207,11 @@ def main(argv: list[str] | None = None) -> int:
             print_settings(args.profile, args.overrides)
             return 0
         if args.command == "compare":
-            return _compare(args)
+            return _compare(args, _prefect_api(_store_of(args)))
         if args.command == "sync":
             return _sync(Path(args.store or environment().store).expanduser().resolve())
         if args.command == "sweep":
-            return _sweep(args)
+            return _sweep(args, _prefect_api(_store_of(args)))
         store = args.store or str(environment().store)
         if args.command == "runs":
             print_runs(Path(store).expanduser().resolve())
@@ -220,8 +223,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print_dry_run(dry_run(plan_run(**request, build=False)))
             return 0
-        prefect_ui = _use_served_prefect(Path(store))  # before Prefect is imported
-        plan = plan_run(**request)  # before Prefect starts: bad input fails at once
+        prefect = _prefect_api(Path(store))  # before Prefect is imported
+        plan = plan_run(**request)  # bad input fails at once, while the server boots
+        prefect.wait_until_up()
         from flows.pipeline import run_checked
 
         for name in ("prefect.flow_runs", "prefect.task_runs"):
@@ -236,7 +240,7 @@ def main(argv: list[str] | None = None) -> int:
             return 2
         raise
     print_table(rows)
-    _print_next_steps(Path(store).expanduser().resolve(), rows, plan.tracking_uri, prefect_ui)
+    _print_next_steps(Path(store).expanduser().resolve(), rows, plan.tracking_uri, prefect.ui)
     return 0
 
 
@@ -254,26 +258,45 @@ def _sync(store: Path) -> int:
     logged = resync.sync(client, experiment, store)
     print(f"{uri}: logged {logged} pending runs, closed {closed} runs left RUNNING")
     return 0
-def _use_served_prefect(store: Path) -> str | None:
-    """Send the flow run to the Prefect server `make serve` runs for this store, unless
-    PREFECT_API_URL names one already; returns the Prefect UI's address, if any."""
+@dataclass
+class _PrefectApi:
+    """The Prefect server this command's flow runs report to."""
+
+    ui: str | None = None  # a server that outlives the command: its UI, to print
+    temporary: TemporaryServer | None = None  # the command's own, gone when it exits
+
+    def wait_until_up(self) -> None:
+        if self.temporary:
+            timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+            self.temporary.wait_until_up(timeout)
+
+
+def _prefect_api(store: Path) -> _PrefectApi:
+    """The server PREFECT_API_URL names, else the one `make serve` runs for this store (so
+    the UIs and the store agree), else a temporary one of this command's own, which dies with
+    it (flows/temporary_server.py). Call before Prefect is imported: it reads
+    PREFECT_API_URL once."""
     from flows.serve import served
 
     if url := os.environ.get("PREFECT_API_URL"):
-        return url.removesuffix("/").removesuffix("/api")
-    state = served(store)
-    if not state:
-        return None
-    ui = f"http://127.0.0.1:{state['prefect_port']}"
-    os.environ["PREFECT_API_URL"] = f"{ui}/api"
-    return ui
+        return _PrefectApi(ui=url.removesuffix("/").removesuffix("/api"))
+    if state := served(store):
+        ui = f"http://127.0.0.1:{state['prefect_port']}"
+        os.environ["PREFECT_API_URL"] = f"{ui}/api"
+        return _PrefectApi(ui=ui)
+    return _PrefectApi(temporary=launch_temporary_server())
 
 
-def _compare(args: argparse.Namespace) -> int:
+def _store_of(args: argparse.Namespace) -> Path:
+    return Path(args.store or environment().store).expanduser().resolve()
+
+
+def _compare(args: argparse.Namespace, prefect: _PrefectApi) -> int:
     from flows.compare import compare, plan_comparison
 
-    # Checked before the flow starts, so a bad model or prompt set costs no server start.
+    # Checked before the flow starts, so a bad model or prompt set fails at once.
     plan_comparison(args.models, args.profile, args.overrides, args.store)
+    prefect.wait_until_up()
     result = compare(models=args.models, profile=args.profile, overrides=args.overrides,
                      store=args.store)
     print_comparison(result["summary"])
@@ -283,14 +306,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def _sweep(args: argparse.Namespace, prefect: _PrefectApi) -> int:
     from flows.sweep import plan_sweep, sweep
 
     grid = parse_grid(args.grid)
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
     request = dict(grid=grid, profile=args.profile, overrides=args.overrides,
                    store=args.store, concurrency=args.concurrency, devices=devices)
-    plan = plan_sweep(**request)  # bad grid, limit or devices: fails before Prefect starts
+    plan = plan_sweep(**request)  # bad grid, limit or devices: fails at once
+    prefect.wait_until_up()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_ONE_LINE)
     failure = None
