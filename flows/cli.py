@@ -43,7 +43,7 @@ from smpo_core.settings import (
     parse_override,
     read_profile,
 )
-from smpo_core.store import disk_error
+from smpo_core.store import disk_error_within
 
 
 def _store(parser: argparse.ArgumentParser) -> None:
@@ -234,8 +234,9 @@ def main(argv: list[str] | None = None) -> int:
     except SmpoError as exc:
         print(f"smpo: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the disk filled up or turned read-only outside a stage
-        if error := disk_error(exc, f"store {args.store or environment().store}"):
+    except Exception as exc:  # the disk filled up or turned read-only outside a stage
+        store = args.store or environment().store
+        if error := disk_error_within(exc, f"store {store}", Path(store)):
             print(f"smpo: error: {error}", file=sys.stderr)
             return 2
         raise
