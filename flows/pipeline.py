@@ -12,6 +12,7 @@ it starts Prefect (a temporary server takes seconds) and hands its plan to the f
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -132,6 +133,7 @@ def open_tracking(store: Path, uri: str) -> tuple[MlflowClient, str]:
     # one process at a time, or two runs started together race in MLflow's migrations.
     with Store(store).lock("mlflow"):
         try:
+            _create_database(uri)
             client = MlflowClient(uri)
             experiment = tracking.experiment_id(client, uri, store)
             resync.recover(client, experiment, store)
@@ -140,6 +142,25 @@ def open_tracking(store: Path, uri: str) -> tuple[MlflowClient, str]:
                 raise error from exc
             raise
     return client, experiment
+
+
+def _create_database(uri: str) -> None:
+    """A fresh store's SQLite database is built (all of MLflow's migrations) under another
+    name and renamed into place: a disk that fills up half-way leaves no half-migrated
+    database, which MLflow cannot complete ("table _alembic_tmp_... already exists")."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists():
+        return
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        MlflowClient(f"sqlite:///{partial}")  # creates and migrates the tables
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
 
 
 def headline_metrics(results: dict[str, StageResult]) -> dict[str, float]:

@@ -19,6 +19,7 @@ import time
 from pathlib import Path
 
 import psutil
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -114,18 +115,54 @@ def _manifest(folder: Path) -> dict:
     data = json.loads((folder / "manifest.json").read_text())
     # Timings, and how the work was split by a kill, are not results; `bytes` counts files
     # that name the store's own path (compared byte for byte, that path replaced, by _files).
-    return {k: v for k, v in data.items()
-            if k not in ("seconds", "finished_at", "bytes") and not k.startswith("resumed")}
+    return _without_split(_results({k: v for k, v in data.items()
+                                    if k != "bytes" and not k.startswith("resumed")}))
+
+
+def _results(data):
+    """`data` without timings (keys ending in _seconds)."""
+    if isinstance(data, dict):
+        return {k: _results(v) for k, v in data.items()
+                if not (k.endswith("_seconds") or k in ("seconds", "finished_at"))}
+    if isinstance(data, list):
+        return [_results(v) for v in data]
+    return data
+
+
+def _without_split(data: dict) -> dict:
+    """Images drawn or reused: how a kill split the evaluation, not what it found."""
+    for section in (data, data.get("generation") or {}):
+        if isinstance(section, dict):
+            for key in ("drawn", "reused"):
+                section.pop(key, None)
+    return data
+
+
+# Accelerate's snapshot of the process-wide RNGs, which Prefect and MLflow advance too (the
+# training draws from its own seeded generators: its weights are compared), and the
+# checkpoint's copy of history.json, which holds step times.
+NOT_RESULTS = ("checkpoint/random_states_", "checkpoint/custom_checkpoint_")
 
 
 def _files(folder: Path, store: Path) -> dict[str, str]:
     """Every file of a stage output but its manifest: its bytes' hash (the store's own path,
-    which text files such as the report may name, replaced)."""
+    which text files such as the report may name, replaced; the generations' folder key,
+    which holds the path of the store's built-in model, replaced)."""
     out = {}
     for file in sorted(folder.rglob("*")):
-        if file.is_file() and file.name != "manifest.json":
+        name = file.relative_to(folder).as_posix()
+        if not file.is_file() or name == "manifest.json" or name.startswith(NOT_RESULTS):
+            continue
+        if name == "history.json":
+            data = json.dumps(_results(json.loads(file.read_text()))).encode()
+        elif name == "scores.parquet":
+            table = pq.read_table(file)
+            data = table.drop_columns(["image"]).to_pandas().to_json().encode()
+        elif name in ("summary.json", "report.html"):
+            continue  # the scores they summarise are compared (scores.parquet)
+        else:
             data = file.read_bytes().replace(str(store).encode(), b"<store>")
-            out[file.relative_to(folder).as_posix()] = hashlib.sha256(data).hexdigest()
+        out[name] = hashlib.sha256(data).hexdigest()
     return out
 
 
