@@ -198,6 +198,7 @@ _ONE_LINE = _OneLineSmpoErrors()
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    prefect: _PrefectApi | None = None
     # Offline machines: Prefect's temporary server would log a failed telemetry call each run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Its start takes 4-10 s on a quiet machine, a minute on 2 busy cores (default limit 20 s).
@@ -207,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             print_settings(args.profile, args.overrides)
             return 0
         if args.command == "compare":
-            return _compare(args, _prefect_api(_store_of(args)))
+            prefect = _prefect_api(_store_of(args))
+            return _compare(args, prefect)
         if args.command == "sync":
             return _sync(Path(args.store or environment().store).expanduser().resolve())
         if args.command == "sweep":
-            return _sweep(args, _prefect_api(_store_of(args)))
+            prefect = _prefect_api(_store_of(args))
+            return _sweep(args, prefect)
         store = args.store or str(environment().store)
         if args.command == "runs":
             print_runs(Path(store).expanduser().resolve())
@@ -240,6 +243,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"smpo: error: {error}", file=sys.stderr)
             return 2
         raise
+    finally:
+        if prefect:
+            prefect.close()
     print_table(rows)
     _print_next_steps(Path(store).expanduser().resolve(), rows, plan.tracking_uri, prefect.ui)
     return 0
@@ -265,6 +271,12 @@ class _PrefectApi:
 
     ui: str | None = None  # a server that outlives the command: its UI, to print
     temporary: TemporaryServer | None = None  # the command's own, gone when it exits
+
+    def close(self) -> None:
+        """Point PREFECT_API_URL back at nothing (main() may be called again in one process,
+        as tests do). The server itself stops at exit, after Prefect has sent its last logs."""
+        if self.temporary and os.environ.get("PREFECT_API_URL") == self.temporary.api_url:
+            del os.environ["PREFECT_API_URL"]
 
     def wait_until_up(self) -> None:
         if self.temporary:
