@@ -24,12 +24,15 @@ import json
 import logging
 import os
 import sys
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
 import yaml
 
 from flows.plan import plan_run, tracking_uri
+from flows.temporary_server import TemporaryServer
+from flows.temporary_server import launch as launch_temporary_server
 from smpo_core.environment import Environment, environment
 from smpo_core.errors import SmpoError
 from smpo_core.settings import (
@@ -40,7 +43,7 @@ from smpo_core.settings import (
     parse_override,
     read_profile,
 )
-from smpo_core.store import disk_error
+from smpo_core.store import disk_error_within
 
 
 def _store(parser: argparse.ArgumentParser) -> None:
@@ -195,6 +198,7 @@ _ONE_LINE = _OneLineSmpoErrors()
 
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
+    prefect: _PrefectApi | None = None
     # Offline machines: Prefect's temporary server would log a failed telemetry call each run.
     os.environ.setdefault("PREFECT_SERVER_ANALYTICS_ENABLED", "false")
     # Its start takes 4-10 s on a quiet machine, a minute on 2 busy cores (default limit 20 s).
@@ -204,11 +208,13 @@ def main(argv: list[str] | None = None) -> int:
             print_settings(args.profile, args.overrides)
             return 0
         if args.command == "compare":
-            return _compare(args)
+            prefect = _prefect_api(_store_of(args))
+            return _compare(args, prefect)
         if args.command == "sync":
             return _sync(Path(args.store or environment().store).expanduser().resolve())
         if args.command == "sweep":
-            return _sweep(args)
+            prefect = _prefect_api(_store_of(args))
+            return _sweep(args, prefect)
         store = args.store or str(environment().store)
         if args.command == "runs":
             print_runs(Path(store).expanduser().resolve())
@@ -220,8 +226,9 @@ def main(argv: list[str] | None = None) -> int:
 
             print_dry_run(dry_run(plan_run(**request, build=False)))
             return 0
-        prefect_ui = _use_served_prefect(Path(store))  # before Prefect is imported
-        plan = plan_run(**request)  # before Prefect starts: bad input fails at once
+        prefect = _prefect_api(Path(store))  # before Prefect is imported
+        plan = plan_run(**request)  # bad input fails at once, while the server boots
+        prefect.wait_until_up()
         from flows.pipeline import run_checked
 
         for name in ("prefect.flow_runs", "prefect.task_runs"):
@@ -230,13 +237,17 @@ def main(argv: list[str] | None = None) -> int:
     except SmpoError as exc:
         print(f"smpo: error: {exc}", file=sys.stderr)
         return 2
-    except OSError as exc:  # the disk filled up or turned read-only outside a stage
-        if error := disk_error(exc, f"store {args.store or environment().store}"):
+    except Exception as exc:  # the disk filled up or turned read-only outside a stage
+        store = args.store or environment().store
+        if error := disk_error_within(exc, f"store {store}", Path(store)):
             print(f"smpo: error: {error}", file=sys.stderr)
             return 2
         raise
+    finally:
+        if prefect:
+            prefect.close()
     print_table(rows)
-    _print_next_steps(Path(store).expanduser().resolve(), rows, plan.tracking_uri, prefect_ui)
+    _print_next_steps(Path(store).expanduser().resolve(), rows, plan.tracking_uri, prefect.ui)
     return 0
 
 
@@ -254,26 +265,51 @@ def _sync(store: Path) -> int:
     logged = resync.sync(client, experiment, store)
     print(f"{uri}: logged {logged} pending runs, closed {closed} runs left RUNNING")
     return 0
-def _use_served_prefect(store: Path) -> str | None:
-    """Send the flow run to the Prefect server `make serve` runs for this store, unless
-    PREFECT_API_URL names one already; returns the Prefect UI's address, if any."""
+@dataclass
+class _PrefectApi:
+    """The Prefect server this command's flow runs report to."""
+
+    ui: str | None = None  # a server that outlives the command: its UI, to print
+    temporary: TemporaryServer | None = None  # the command's own, gone when it exits
+
+    def close(self) -> None:
+        """Point PREFECT_API_URL back at nothing (main() may be called again in one process,
+        as tests do). The server itself stops at exit, after Prefect has sent its last logs."""
+        if self.temporary and os.environ.get("PREFECT_API_URL") == self.temporary.api_url:
+            del os.environ["PREFECT_API_URL"]
+
+    def wait_until_up(self) -> None:
+        if self.temporary:
+            timeout = float(os.environ["PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS"])
+            self.temporary.wait_until_up(timeout)
+
+
+def _prefect_api(store: Path) -> _PrefectApi:
+    """The server PREFECT_API_URL names, else the one `make serve` runs for this store (so
+    the UIs and the store agree), else a temporary one of this command's own, which dies with
+    it (flows/temporary_server.py). Call before Prefect is imported: it reads
+    PREFECT_API_URL once."""
     from flows.serve import served
 
     if url := os.environ.get("PREFECT_API_URL"):
-        return url.removesuffix("/").removesuffix("/api")
-    state = served(store)
-    if not state:
-        return None
-    ui = f"http://127.0.0.1:{state['prefect_port']}"
-    os.environ["PREFECT_API_URL"] = f"{ui}/api"
-    return ui
+        return _PrefectApi(ui=url.removesuffix("/").removesuffix("/api"))
+    if state := served(store):
+        ui = f"http://127.0.0.1:{state['prefect_port']}"
+        os.environ["PREFECT_API_URL"] = f"{ui}/api"
+        return _PrefectApi(ui=ui)
+    return _PrefectApi(temporary=launch_temporary_server())
 
 
-def _compare(args: argparse.Namespace) -> int:
+def _store_of(args: argparse.Namespace) -> Path:
+    return Path(args.store or environment().store).expanduser().resolve()
+
+
+def _compare(args: argparse.Namespace, prefect: _PrefectApi) -> int:
     from flows.compare import compare, plan_comparison
 
-    # Checked before the flow starts, so a bad model or prompt set costs no server start.
+    # Checked before the flow starts, so a bad model or prompt set fails at once.
     plan_comparison(args.models, args.profile, args.overrides, args.store)
+    prefect.wait_until_up()
     result = compare(models=args.models, profile=args.profile, overrides=args.overrides,
                      store=args.store)
     print_comparison(result["summary"])
@@ -283,14 +319,15 @@ def _compare(args: argparse.Namespace) -> int:
     return 0
 
 
-def _sweep(args: argparse.Namespace) -> int:
+def _sweep(args: argparse.Namespace, prefect: _PrefectApi) -> int:
     from flows.sweep import plan_sweep, sweep
 
     grid = parse_grid(args.grid)
     devices = [d.strip() for d in args.devices.split(",")] if args.devices else None
     request = dict(grid=grid, profile=args.profile, overrides=args.overrides,
                    store=args.store, concurrency=args.concurrency, devices=devices)
-    plan = plan_sweep(**request)  # bad grid, limit or devices: fails before Prefect starts
+    plan = plan_sweep(**request)  # bad grid, limit or devices: fails at once
+    prefect.wait_until_up()
     for name in ("prefect.flow_runs", "prefect.task_runs"):
         logging.getLogger(name).addFilter(_ONE_LINE)
     failure = None

@@ -12,6 +12,7 @@ it starts Prefect (a temporary server takes seconds) and hands its plan to the f
 
 from __future__ import annotations
 
+import os
 import subprocess
 import uuid
 from pathlib import Path
@@ -24,7 +25,7 @@ from flows.plan import RunPlan, plan_run
 from flows.plan import run_name as describe_run
 from smpo_core.evaluation import result_rows
 from smpo_core.settings import STAGES
-from smpo_core.store import Store
+from smpo_core.store import Store, disk_error_within
 from stages import resync, tracking
 from stages.common import (
     RunContext,
@@ -94,12 +95,7 @@ def smpo(
     quiet_libraries()
     settings = run.settings
     run.store.mkdir(parents=True, exist_ok=True)
-    client = MlflowClient(run.tracking_uri)
-    # The first client of a fresh SQLite database creates its tables: one process at a time,
-    # or two runs started together race in MLflow's migrations.
-    with Store(run.store).lock("mlflow"):
-        experiment = tracking.experiment_id(client, run.tracking_uri, run.store)
-        resync.recover(client, experiment, run.store)
+    client, experiment = open_tracking(run.store, run.tracking_uri)
     tags = {"prefect.flow_run_id": runtime.flow_run.id or "", "smpo.profile": settings.profile,
             "smpo.code_version": code_version(), "smpo.stages": ",".join(run.stages),
             "smpo.overrides": " ".join(overrides or []), "smpo.store": str(run.store)}
@@ -127,6 +123,44 @@ def smpo(
         _results_artifact(results["evaluate"], report_link(run.tracking_uri, experiment,
                                                            results["evaluate"]))
     return [result.as_dict() for result in results.values()]
+
+
+def open_tracking(store: Path, uri: str) -> tuple[MlflowClient, str]:
+    """The MLflow client and experiment id of a run on `store`; runs that dead processes left
+    RUNNING are closed and tracking that runs missed is logged. A full or read-only disk
+    under the MLflow database is one line."""
+    # The first client of a fresh SQLite database creates its tables (in MlflowClient()):
+    # one process at a time, or two runs started together race in MLflow's migrations.
+    with Store(store).lock("mlflow"):
+        try:
+            _create_database(uri)
+            client = MlflowClient(uri)
+            experiment = tracking.experiment_id(client, uri, store)
+            resync.recover(client, experiment, store)
+        except Exception as exc:
+            if error := disk_error_within(exc, f"store {store}", store):
+                raise error from exc
+            raise
+    return client, experiment
+
+
+def _create_database(uri: str) -> None:
+    """A fresh store's SQLite database is built (all of MLflow's migrations) under another
+    name and renamed into place: a disk that fills up half-way leaves no half-migrated
+    database, which MLflow cannot complete ("table _alembic_tmp_... already exists")."""
+    if not uri.startswith("sqlite:///"):
+        return
+    path = Path(uri.removeprefix("sqlite:///"))
+    if path.exists():
+        return
+    partial = path.with_name(f".{path.name}.partial")
+    partial.unlink(missing_ok=True)
+    try:
+        MlflowClient(f"sqlite:///{partial}")  # creates and migrates the tables
+    except BaseException:
+        partial.unlink(missing_ok=True)
+        raise
+    os.replace(partial, path)
 
 
 def headline_metrics(results: dict[str, StageResult]) -> dict[str, float]:

@@ -204,5 +204,19 @@ def disk_error(exc: BaseException, what: str, path: Path | None = None) -> SmpoE
                      f"rerun: completed work is kept and the stage resumes")
 
 
+def disk_error_within(exc: BaseException, what: str,
+                      path: Path | None = None) -> SmpoError | None:
+    """`disk_error` of `exc` or of what caused it: SQLite's "database or disk is full"
+    reaches a caller wrapped by SQLAlchemy and MLflow (seen: the MLflow database of a fresh
+    store created on a full disk)."""
+    seen: set[int] = set()
+    while exc is not None and id(exc) not in seen:
+        seen.add(id(exc))
+        if error := disk_error(exc, what, path):
+            return error
+        exc = exc.__cause__ or exc.__context__
+    return None
+
+
 def folder_size(path: Path) -> int:
     return sum(f.stat().st_size for f in Path(path).rglob("*") if f.is_file())

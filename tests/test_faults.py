@@ -10,6 +10,7 @@ import contextlib
 import hashlib
 import json
 import os
+import shutil
 import signal
 import socket
 import subprocess
@@ -17,6 +18,8 @@ import sys
 import time
 from pathlib import Path
 
+import psutil
+import pyarrow.parquet as pq
 import pytest
 from mlflow.tracking import MlflowClient
 
@@ -26,28 +29,76 @@ from smpo_core.settings import STAGES
 from smpo_core.worlds.tiny import write_synthetic_pickapic
 
 REPO = Path(__file__).resolve().parents[1]
-# Two download and score shards, two invert shards, two train checkpoints, two prompt chunks.
-SMALL = ["download.shard_rows=160", "invert.max_pairs=32", "invert.shard_pairs=16",
-         "invert.batch_size=8", "train.max_steps=4", "train.checkpoint_every=2",
-         "train.warmup_steps=1", "evaluate.num_prompts=4", "evaluate.chunk_prompts=2",
-         "evaluate.bootstrap_resamples=50", "evaluate.metrics={clipscore: builtin:tiny-clip}"]
-TRAIN_STAGES = ["download", "score", "invert", "train"]
+# The smallest run with two units of work in every stage (two download, score and invert shards,
+# two train checkpoints, two prompt chunks), so that a kill after the first is inside the stage.
+SMALL = ["download.max_pairs=48", "download.shard_rows=24", "invert.max_pairs=4",
+         "invert.shard_pairs=2", "invert.batch_size=2", "invert.num_levels=2",
+         "train.max_steps=2", "train.checkpoint_every=1", "train.warmup_steps=1",
+         "train.effective_batch=2", "train.batch_size=2", "evaluate.num_prompts=2",
+         "evaluate.chunk_prompts=1", "evaluate.num_inference_steps=2",
+         "evaluate.bootstrap_resamples=10", "evaluate.metrics={clipscore: builtin:tiny-clip}"]
+# A run that takes longer is a hang (seen: a killed command's temporary Prefect server held
+# its stdout open); it fails the test instead of stalling the suite.
+RUN_TIMEOUT = 900
 
 
 def smpo(store: Path, *args: str, env: dict[str, str] | None = None, wait: bool = True,
          command: str = "run", settings: list[str] = SMALL):
-    """`smpo run --store STORE ARGS --set SMALL...` in a fresh process."""
+    """`smpo run --store STORE ARGS --set SMALL...` in a fresh process, in a session of its
+    own (so that whatever it leaves behind can be found and killed)."""
     argv = [sys.executable, "-m", "flows.cli", command, "--store", str(store), *args]
     if command == "run":
         argv += [arg for setting in settings for arg in ("--set", setting)]
-    full_env = {k: v for k, v in os.environ.items() if k != "MLFLOW_TRACKING_URI"}
+    # Its own temporary Prefect server, as a user's first `smpo run` gets.
+    full_env = {k: v for k, v in os.environ.items()
+                if k not in ("MLFLOW_TRACKING_URI", "PREFECT_API_URL")}
     full_env |= {"PREFECT_SERVER_ANALYTICS_ENABLED": "false"} | (env or {})
     process = subprocess.Popen(argv, cwd=REPO, env=full_env, stdout=subprocess.PIPE,
-                               stderr=subprocess.PIPE, text=True)
-    if not wait:
-        return process
-    out, err = process.communicate(timeout=2400)
-    return subprocess.CompletedProcess(argv, process.returncode, out, err)
+                               stderr=subprocess.PIPE, text=True, start_new_session=True)
+    return finish(process) if wait else process
+
+
+def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
+    """Wait for an `smpo` process (RUN_TIMEOUT at most). Fail if its output stays open after
+    it exited (something it started outlived it and holds it), or if anything it started is
+    still alive then. Its session is killed either way."""
+    deadline, exited, failure = time.monotonic() + RUN_TIMEOUT, None, None
+    while True:
+        try:
+            out, err = process.communicate(timeout=2)
+            break
+        except subprocess.TimeoutExpired:
+            if exited is None and process.poll() is not None:
+                exited = time.monotonic()
+            if exited is not None and time.monotonic() - exited > 30:
+                failure = (f"its output stayed open after it exited: "
+                           f"{_alive_in_session(process.pid)}")
+            elif time.monotonic() > deadline:
+                failure = f"no exit in {RUN_TIMEOUT} s"
+            if failure:
+                _kill_session(process.pid)
+                out, err = process.communicate(timeout=60)
+                break
+    failure = failure or (f"left running: {left}" if (left := _alive_in_session(process.pid))
+                          else None)
+    _kill_session(process.pid)
+    assert not failure, (" ".join(process.args[3:6]), failure, err[-3000:])
+    return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _alive_in_session(session: int) -> list[str]:
+    alive = []
+    for proc in psutil.process_iter(["pid", "status", "cmdline"]):
+        with contextlib.suppress(psutil.Error, OSError):
+            if (os.getsid(proc.pid) == session and proc.pid != session
+                    and proc.info["status"] != psutil.STATUS_ZOMBIE):
+                alive.append(" ".join(proc.info["cmdline"] or [])[:200])
+    return alive
+
+
+def _kill_session(session: int) -> None:
+    with contextlib.suppress(ProcessLookupError, PermissionError):
+        os.killpg(session, signal.SIGKILL)
 
 
 def _stage_table(stdout: str) -> dict[str, tuple[str, str]]:
@@ -62,19 +113,56 @@ def _stage_table(stdout: str) -> dict[str, tuple[str, str]]:
 
 def _manifest(folder: Path) -> dict:
     data = json.loads((folder / "manifest.json").read_text())
-    # Timings, and how the work was split by a kill, are not results.
-    return {k: v for k, v in data.items()
-            if k not in ("seconds", "finished_at") and not k.startswith("resumed")}
+    # Timings, and how the work was split by a kill, are not results; `bytes` counts files
+    # that name the store's own path (compared byte for byte, that path replaced, by _files).
+    return _without_split(_results({k: v for k, v in data.items()
+                                    if k != "bytes" and not k.startswith("resumed")}))
+
+
+def _results(data):
+    """`data` without timings (keys ending in _seconds)."""
+    if isinstance(data, dict):
+        return {k: _results(v) for k, v in data.items()
+                if not (k.endswith("_seconds") or k in ("seconds", "finished_at"))}
+    if isinstance(data, list):
+        return [_results(v) for v in data]
+    return data
+
+
+def _without_split(data: dict) -> dict:
+    """Images drawn or reused: how a kill split the evaluation, not what it found."""
+    for section in (data, data.get("generation") or {}):
+        if isinstance(section, dict):
+            for key in ("drawn", "reused"):
+                section.pop(key, None)
+    return data
+
+
+# Accelerate's snapshot of the process-wide RNGs, which Prefect and MLflow advance too (the
+# training draws from its own seeded generators: its weights are compared), and the
+# checkpoint's copy of history.json, which holds step times.
+NOT_RESULTS = ("checkpoint/random_states_", "checkpoint/custom_checkpoint_")
 
 
 def _files(folder: Path, store: Path) -> dict[str, str]:
     """Every file of a stage output but its manifest: its bytes' hash (the store's own path,
-    which text files such as the report may name, replaced)."""
+    which text files such as the report may name, replaced; the generations' folder key,
+    which holds the path of the store's built-in model, replaced)."""
     out = {}
     for file in sorted(folder.rglob("*")):
-        if file.is_file() and file.name != "manifest.json":
+        name = file.relative_to(folder).as_posix()
+        if not file.is_file() or name == "manifest.json" or name.startswith(NOT_RESULTS):
+            continue
+        if name == "history.json":
+            data = json.dumps(_results(json.loads(file.read_text()))).encode()
+        elif name == "scores.parquet":
+            table = pq.read_table(file)
+            data = table.drop_columns(["image"]).to_pandas().to_json().encode()
+        elif name in ("summary.json", "report.html"):
+            continue  # the scores they summarise are compared (scores.parquet)
+        else:
             data = file.read_bytes().replace(str(store).encode(), b"<store>")
-            out[file.relative_to(folder).as_posix()] = hashlib.sha256(data).hexdigest()
+        out[name] = hashlib.sha256(data).hexdigest()
     return out
 
 
@@ -108,12 +196,13 @@ def clean_store(tmp_path_factory) -> Path:
 
 
 @pytest.mark.integration
-@pytest.mark.slow
 def test_kill_9_inside_each_stage_resumes_to_the_clean_result(clean_store, tmp_path):
     """One store killed (SIGKILL, SMPO_FAULT) after the first unit of work of each stage in
     turn, each rerun resuming the stage the last one died in; then finished. Every output
     equals the uninterrupted run's, and no run is left RUNNING in MLflow."""
     store = tmp_path / "store"
+    # The built-in models and data are inputs, not stage outputs: built once, by the clean run.
+    shutil.copytree(clean_store / "builtin", store / "builtin")
     for point in POINTS:
         stage = point.split(".")[0]
         result = smpo(store, env={"SMPO_FAULT": f"{point}:1"})
@@ -140,9 +229,10 @@ def test_kill_9_inside_each_stage_resumes_to_the_clean_result(clean_store, tmp_p
 
 
 @pytest.mark.integration
-@pytest.mark.slow
-@pytest.mark.parametrize("betas", [[None, None], [None, None, "3000", "3000"]],
-                         ids=["two", "four"])
+@pytest.mark.parametrize("betas", [
+    # Four covers two: two runs of each key, the keys side by side.
+    pytest.param([None, None], id="two", marks=pytest.mark.slow),
+    pytest.param([None, None, "3000", "3000"], id="four")])
 def test_concurrent_runs_on_one_fresh_store_compute_each_key_once(clean_store, tmp_path,
                                                                    betas):
     store = tmp_path / "store"
@@ -150,9 +240,9 @@ def test_concurrent_runs_on_one_fresh_store_compute_each_key_once(clean_store, t
         [f"train.beta={beta}"] if beta else [])) for beta in betas]
     tables = []
     for process in processes:
-        out, err = process.communicate(timeout=2400)
-        assert process.returncode == 0, err[-3000:]
-        tables.append(_stage_table(out))
+        result = finish(process)
+        assert result.returncode == 0, result.stderr[-3000:]
+        tables.append(_stage_table(result.stdout))
     computed: dict[tuple[str, str], int] = {}
     for table in tables:
         for stage, (status, key) in table.items():
@@ -289,6 +379,37 @@ def test_a_read_only_store_is_one_line_before_anything_runs(tmp_path):
                      f"or choose another --store, then rerun: completed work is kept and the "
                      f"stage resumes"], result.stderr[-3000:]
     assert "Traceback" not in result.stderr
+
+
+def test_a_full_disk_under_a_fresh_mlflow_database_is_one_line_and_the_rerun_recovers(tmp_path):
+    """The database is created by the first run on a store: a disk that fills up inside
+    MLflow's table creation, then grows, leaves a database the next run completes."""
+    from flows.pipeline import open_tracking
+
+    with tmpfs(tmp_path / "mnt", "256k") as mount:
+        store = mount / "store"
+        store.mkdir()
+        uri = f"sqlite:///{store / 'mlflow.db'}"
+        with pytest.raises(SmpoError) as error:
+            open_tracking(store, uri)
+        assert str(error.value) == (
+            f"store {store}: cannot write {store} (No space left on device); free space there "
+            f"(or point --store / SMPO_STORE at a larger disk), then rerun: completed work is "
+            f"kept and the stage resumes")
+        _remount(mount, "size=64m")
+        # The next run is a new process (this one's MLflow keeps its failed engine).
+        rerun = subprocess.run([sys.executable, "-c", _OPEN_TRACKING, str(store), uri],
+                               cwd=REPO, capture_output=True, text=True, timeout=RUN_TIMEOUT)
+        assert rerun.stdout.strip() == "smpo", rerun.stderr[-3000:]
+
+
+_OPEN_TRACKING = """
+import sys
+from pathlib import Path
+from flows.pipeline import open_tracking
+client, experiment = open_tracking(Path(sys.argv[1]), sys.argv[2])
+print(client.get_experiment(experiment).name)
+"""
 
 
 def test_a_full_disk_is_one_line_and_the_stage_resumes_once_there_is_room(tmp_path):
