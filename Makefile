@@ -40,7 +40,7 @@ toy-world: install
 # The five methods x three seeds on the toy world: study.json, table.md, curves.png in
 # smpo-store/study/ and one MLflow parent run with a child per method (flows/study.py).
 study: install
-	$(BIN)/python -m flows.study --profile toy
+	$(BIN)/smpo study
 
 lint: install
 	$(BIN)/ruff check .

@@ -15,6 +15,7 @@
                [--concurrency 2 --devices cuda:0,cuda:1]
                                      every combination trained and evaluated on one cache,
                                      compared in one table
+    smpo study [--seeds 0 1 2]       the toy world: every method x seeds, one table and plot
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ from smpo_core.settings import (
     read_profile,
 )
 from smpo_core.store import disk_error_within
+from smpo_core.study import METHODS
 
 
 def _store(parser: argparse.ArgumentParser) -> None:
@@ -100,6 +102,16 @@ def _parser() -> argparse.ArgumentParser:
                             "(e.g. cuda:0,cuda:1); default: model.device")
     _common(sweep)
     _store(sweep)
+    study = sub.add_parser(
+        "study", help="the toy world's study: every method x seeds through the five stages; "
+        "one table, curves and an MLflow parent run (flows/study.py)")
+    study.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
+    study.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS),
+                       help="default: all")
+    study.add_argument("--out", default=None, help="default <store>/study")
+    _common(study)
+    study.set_defaults(profile="toy")
+    _store(study)
     return parser
 
 
@@ -215,6 +227,9 @@ def main(argv: list[str] | None = None) -> int:
         if args.command == "sweep":
             prefect = _prefect_api(_store_of(args))
             return _sweep(args, prefect)
+        if args.command == "study":
+            prefect = _prefect_api(_store_of(args))
+            return _study(args, prefect)
         store = args.store or str(environment().store)
         if args.command == "runs":
             print_runs(Path(store).expanduser().resolve())
@@ -316,6 +331,17 @@ def _compare(args: argparse.Namespace, prefect: _PrefectApi) -> int:
     folder = Path(result["path"])
     print(f"\ntable: {folder / 'table.csv'}\nimage grid: {folder / 'grid.png'}\n"
           f"report: {folder / 'report.html'}\nMLflow run: {result['run_id']}")
+    return 0
+
+
+def _study(args: argparse.Namespace, prefect: _PrefectApi) -> int:
+    from flows.study import study
+
+    prefect.wait_until_up()
+    record = study(args.profile, args.seeds, args.methods, args.overrides,
+                   str(_store_of(args)), args.out)
+    print(f"\nstudy: {record['out']}/table.md, curves.png, study.json "
+          f"({record['minutes']} min)")
     return 0
 
 

@@ -1,7 +1,7 @@
 """The toy-world study: the five methods of METHOD.md §4 x seeds, through the five stages.
 
-    python -m flows.study [--profile toy] [--seeds 0 1 2] [--methods smpo sft ...]
-                          [--set section.key=value ...] [--store DIR] [--out DIR]
+    smpo study [--profile toy] [--seeds 0 1 2] [--methods smpo sft ...]
+               [--set section.key=value ...] [--store DIR] [--out DIR]
 
 Each (method, seed) is one run of the `smpo` flow (a subflow here) with the method's
 switches and `train.seed`; download, score and invert are shared by every run (same data),
@@ -13,9 +13,7 @@ method (metrics: gain, interval ends, win rate, fidelity, diversity; per-step me
 
 from __future__ import annotations
 
-import argparse
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Any
@@ -60,7 +58,7 @@ def study(profile: str = "toy", seeds: list[int] | None = None,
     summary = {m: summarise_method([r["evaluate"] for r in rs]) for m, rs in runs.items()}
     curves = {m: mean_curves([json.loads((r["train"] / "history.json").read_text())
                               for r in rs]) for m, rs in runs.items()}
-    record = {"profile": profile, "seeds": seeds, "overrides": overrides or [],
+    record = {"profile": profile, "seeds": seeds, "out": str(out_dir), "overrides": overrides or [],
               "minutes": round((time.time() - started) / 60, 1), "methods": summary,
               "curves": curves,
               "runs": {m: [{k: str(v) for k, v in r.items()} for r in rs]
@@ -99,25 +97,3 @@ def _log(record: dict[str, Any], out_dir: Path, root: Path, profile: str) -> Non
                 curve = record["curves"][method]
                 for i, step in enumerate(curve["step"]):
                     child.metrics({k: v[i] for k, v in curve.items() if k != "step"}, step=step)
-
-
-def main(argv: list[str] | None = None) -> None:
-    parser = argparse.ArgumentParser(prog="python -m flows.study", description=__doc__,
-                                     formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--profile", default="toy")
-    parser.add_argument("--seeds", type=int, nargs="+", default=[0, 1, 2])
-    parser.add_argument("--methods", nargs="+", default=list(METHODS), choices=list(METHODS))
-    parser.add_argument("--set", dest="overrides", action="append", default=[],
-                        metavar="SECTION.KEY=VALUE")
-    parser.add_argument("--store", default=None)
-    parser.add_argument("--out", default=None)
-    args = parser.parse_args(argv)
-    try:
-        study(args.profile, args.seeds, args.methods, args.overrides, args.store, args.out)
-    except SmpoError as exc:
-        print(f"smpo study: error: {exc}", file=sys.stderr)
-        sys.exit(2)
-
-
-if __name__ == "__main__":
-    main()
