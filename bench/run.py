@@ -315,11 +315,12 @@ def table(result: dict) -> str:
         lines.append(f"| train loop, tiny, cache on disk | read when needed "
                      f"{sec['read when needed']:.3f} s/step | prefetch {sec['prefetch']:.3f} "
                      f"s/step | **{p['off_over_on']:.2f}x** |")
-    score = result["score"]
-    lines.append(f"| score, {score['pairs']} pairs sharing images | one image per call "
-                 f"{score['pairs_per_second']['one image per call']:.1f} pairs/s | unique, "
-                 f"batched {score['pairs_per_second']['unique images, batched']:.1f} pairs/s "
-                 f"| **{score['speedup']:.2f}x** faster |")
+    if "score" in result:
+        score = result["score"]
+        lines.append(f"| score, {score['pairs']} pairs sharing images | one image per call "
+                     f"{score['pairs_per_second']['one image per call']:.1f} pairs/s | unique, "
+                     f"batched {score['pairs_per_second']['unique images, batched']:.1f} "
+                     f"pairs/s | **{score['speedup']:.2f}x** faster |")
     if "download" in result:
         d = result["download"]
         peak = d["peak_rss_mib"]
@@ -334,6 +335,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny model only, few steps: checks every code path in ~1 min")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--sizes", default="medium,tiny",
+                        help="models whose sections to run (comma-separated); the score and "
+                        "download sections run with tiny")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's choice); 1 is faster when "
@@ -364,6 +368,7 @@ def main() -> int:
     # a CPU, and its cost would double the medium share).
     plan = ([("tiny", 4, 2, [1, 4], 1, True)] if args.quick else
             [("medium", 2, 3, [], 0, False), ("tiny", 8, 5, [1, 2, 4, 8], 1, True)])
+    plan = [entry for entry in plan if entry[0] in args.sizes.split(",")]
     result.update({"date": datetime.now(UTC).isoformat(timespec="seconds"),
                    "command": " ".join([Path(sys.executable).name, *sys.argv]),
                    "machine": machine(device), "train": {}, "whole_cost": {},
@@ -390,10 +395,12 @@ def main() -> int:
                     model, rows, inversion_levels(5, len(model.alphas_cumprod)), resolution,
                     work / "prefetch-cache", 4, 1 if args.quick else 2)
             del model
-        say("score")
-        result["score"] = score_section(work, 16 if args.quick else 64, 1 if args.quick else 3)
-        say("download")
-        result["download"] = download_section(work, 40 if args.quick else 200)
+        if "tiny" in args.sizes.split(","):
+            say("score")
+            result["score"] = score_section(work, 16 if args.quick else 64,
+                                            1 if args.quick else 3)
+            say("download")
+            result["download"] = download_section(work, 40 if args.quick else 200)
         say("done")
     finally:
         shutil.rmtree(work, ignore_errors=True)
