@@ -3,9 +3,10 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/run.py --threads 1   # what `make bench` runs
     .venv/bin/python bench/run.py --quick         # every code path on tiny shapes, ~1 CPU min
 
-The full bench costs ~10 CPU minutes at one thread (the JSON records its CPU seconds, its wall
-time and the load average at each section); on an idle core that is ~10 min wall, on a
-shared, loaded one the wall time grows with the load. Writes `bench/results/<date>-<device>.json`
+The full bench costs ~9 CPU minutes at one thread (an estimate from its parts; the JSON
+records its CPU seconds, its wall time and the load average at each section); on an idle
+core that is ~9 min wall, on a shared, loaded one the wall time grows with the load.
+Writes `bench/results/<date>-<device>.json`
 (every figure, the machine, the command) and `<date>-<device>.md` (the table the README
 shows), and prints the table. Machines here are shared and noisy, so no figure is a time
 from another run or another section: each comparison alternates its variants call by call
