@@ -53,9 +53,11 @@ test-slow: install
 	$(BIN)/pytest -q -m slow
 
 # Every performance figure as side-by-side ratios (bench/run.py): bench/results/<date>-cpu.json
-# and .md; under 15 minutes on 2 cores. The GPU figures: bench/gpu.sh on an NVIDIA machine.
+# and .md; ~10 CPU minutes at one thread. One thread: the cores here are shared, and OpenMP
+# threads on oversubscribed cores spin against each other. The GPU figures: bench/gpu.sh.
+BENCH_THREADS ?= 1
 bench: install
-	$(BIN)/python bench/run.py
+	OMP_NUM_THREADS=$(BENCH_THREADS) $(BIN)/python bench/run.py --threads $(BENCH_THREADS)
 
 clean-store:
 	rm -rf smpo-store

@@ -131,19 +131,18 @@ def train_step(policy, reference, optimizer, batch: PairBatch, z_level: torch.Te
     return float(loss.detach())
 
 
-def measure_train_steps(model: DiffusionModel, cache: PairBatch, levels: list[int],
-                        micro_batch: int, steps: int, renoise_steps: int = 1,
-                        with_all_levels: bool = True, rows: list[dict] | None = None,
-                        resolution: int = 0) -> dict:
-    """Seconds per step and pairs/s of cached, online (to level k) and online-all-K training,
-    each variant with its own copy of the policy, over the same draws. `cache` holds the
-    full trajectory of the pairs (B, 2, K, ...); step i trains on pairs i*B..i*B+B-1.
-    With `rows` (the pairs' images and captions), an online step first VAE-encodes its
-    pairs' images and encodes their captions, as the authors' training does every step;
-    the cached step reads both from the cache."""
+def step_variants(model: DiffusionModel, cache: PairBatch, levels: list[int], micro_batch: int,
+                  k: torch.Tensor, t: torch.Tensor, sources: list[str], renoise_steps: int = 1,
+                  rows: list[dict] | None = None, resolution: int = 0
+                  ) -> dict[str, Callable[[int], float]]:
+    """One train-step function per source ("cached", "online", "online-all-K"), each with its
+    own copy of the policy; call i trains on the draws (k, t) i*B..i*B+B-1 and pairs
+    i*B..i*B+B-1 (mod the cache's). `cache` holds the full trajectory of the pairs
+    (B, 2, K, ...). With `rows` (the pairs' images and captions), an online step first
+    VAE-encodes its pairs' images and encodes their captions, as the authors' training does
+    every step; the cached step reads both from the cache."""
     alphas = model.alphas_cumprod
     n = cache.z0.shape[0]
-    t, k = stratified_draws(levels, len(alphas), (steps + 1) * micro_batch)
     reference = model.unet.requires_grad_(False).eval()
 
     def variant(source: str) -> Callable[[int], float]:
@@ -169,9 +168,20 @@ def measure_train_steps(model: DiffusionModel, cache: PairBatch, levels: list[in
             return train_step(policy, reference, optimizer, batch, z_level, ks, ts, alphas,
                               levels)
         return step
+    return {source: variant(source) for source in sources}
 
+
+def measure_train_steps(model: DiffusionModel, cache: PairBatch, levels: list[int],
+                        micro_batch: int, steps: int, renoise_steps: int = 1,
+                        with_all_levels: bool = True, rows: list[dict] | None = None,
+                        resolution: int = 0) -> dict:
+    """Seconds per step and pairs/s of cached, online (to level k) and online-all-K training
+    (`step_variants`), over the same draws, alternating step by step."""
+    t, k = stratified_draws(levels, len(model.alphas_cumprod), (steps + 1) * micro_batch)
     sources = ["cached", "online"] + (["online-all-K"] if with_all_levels else [])
-    times = interleaved({s: variant(s) for s in sources}, steps, model.device)
+    variants = step_variants(model, cache, levels, micro_batch, k, t, sources, renoise_steps,
+                             rows, resolution)
+    times = interleaved(variants, steps, model.device)
     out: dict = {"micro_batch": micro_batch, "timed_steps": steps, "levels": len(levels),
                  "renoise_steps": renoise_steps,
                  "mean_levels_inverted_online": float((k[micro_batch:] + 1).float().mean())}

@@ -1,25 +1,30 @@
 """`make bench`: every performance figure of the pipeline, as ratios measured side by side.
 
-    .venv/bin/python bench/run.py                 # tiny and medium models, ~10 min on 2 cores
-    .venv/bin/python bench/run.py --quick         # every code path on tiny shapes, ~1 min
+    OMP_NUM_THREADS=1 .venv/bin/python bench/run.py --threads 1   # what `make bench` runs
+    .venv/bin/python bench/run.py --quick         # every code path on tiny shapes, ~1 CPU min
 
-Writes `bench/results/<date>-<device>.json` (every figure, the machine, the command) and
-`<date>-<device>.md` (the table the README shows), and prints the table. Machines here are
-shared and noisy, so no figure is a time from another run: each comparison alternates its
-variants call by call in this process (`cache_vs_online.interleaved`) and reports medians.
+The full bench costs ~9 CPU minutes at one thread (an estimate from its parts; the JSON
+records its CPU seconds, its wall time and the load average at each section); on an idle
+core that is ~9 min wall, on a shared, loaded one the wall time grows with the load.
+Writes `bench/results/<date>-<device>.json`
+(every figure, the machine, the command) and `<date>-<device>.md` (the table the README
+shows), and prints the table. Machines here are shared and noisy, so no figure is a time
+from another run or another section: each comparison alternates its variants call by call
+or in short rounds in this process, and reports medians (with the rounds' min and max).
 
 Sections (the baseline of each first):
-- train: online (the authors' code: invert each pair with the policy up to the level its
-  step samples) against cached (read the level from the invert stage's cache), K = 5 and 10,
-  tiny and medium (~20M-parameter UNet, 32x32 latents); `cache_vs_online.py`.
-- whole cost: one online run against invert + one cached run, with the full cache (all K
-  levels of every pair) and with the planned cache (each pair only up to the level training
-  will read); and a 4-run beta sweep (one cache, four trainings) against four online runs.
-  Built from this run's per-pair inversion and per-pair step costs.
+- train step and whole cost, side by side (`side_by_side`), K = 5 and 10, tiny and medium
+  (~20M-parameter UNet, 32x32 latents): per round, two pairs at mirrored levels, timed one
+  after the other: the planned inversion of the two (invert stage, each pair up to the level
+  training reads), two cached train steps, two online steps (the authors' code: encode, then
+  invert each pair with the policy up to the level its step samples, then step). Ratios per
+  round: train online / cached; one run (invert + cached) / online; a 4-run beta sweep on
+  one cache (invert + 4 cached) / (4 online).
 - score: one image per reward-model call, every image of every pair (the authors' scoring)
   against each unique image once, in batches (the score stage).
 - inversion: pairs/s against batch size, VAE and text encoding included (the invert stage's
-  `invert_pair_batch`), against batch size 1.
+  `invert_pair_batch`), against batch size 1; full and planned.
+- prefetch: the training loop over a cache on disk, `train.prefetch` off against on.
 - download: peak RSS of the download stage at N and 10N pairs (`download_memory.py`).
 """
 
@@ -31,6 +36,7 @@ import json
 import os
 import platform
 import random
+import resource
 import shutil
 import statistics
 import sys
@@ -52,6 +58,14 @@ from smpo_core.worlds.tiny import build_tiny_clip_reward, trainable_pairs
 
 RESULTS = Path(__file__).resolve().parent / "results"
 SWEEP = 4
+
+
+def cpu_seconds() -> float:
+    """User + system CPU seconds of this process and its finished children (the download
+    section's): what the bench costs on a shared machine, whatever the load."""
+    own, children = (resource.getrusage(who) for who in (resource.RUSAGE_SELF,
+                                                         resource.RUSAGE_CHILDREN))
+    return own.ru_utime + own.ru_stime + children.ru_utime + children.ru_stime
 
 
 def machine(device: torch.device) -> dict:
@@ -97,33 +111,84 @@ def inversion_section(model, rows: list[dict], levels: list[int], resolution: in
             "mean_levels_planned": float((k + 1).float().mean())}
 
 
-def whole_cost(train: dict, inversion: dict) -> dict:
-    """Seconds per pair of training data for one run and a sweep, online against cached.
+def mirrored_draws(levels: list[int], num_train_timesteps: int, rounds: int,
+                   seed: int = 0) -> tuple[torch.Tensor, torch.Tensor]:
+    """Two timesteps per round, t in the round's equal slice of the schedule's lower half and
+    its mirror T - 1 - t, and the inversion level index k at or above each: (2 rounds,) each.
+    A round's two levels are about k and K - 1 - k, so every round inverts about the
+    expected (K + 1) / 2 levels per pair and the rounds' costs are comparable."""
+    generator = torch.Generator().manual_seed(seed)
+    half = num_train_timesteps / 2
+    low = (torch.arange(rounds) * half / rounds
+           + torch.rand(rounds, generator=generator) * half / rounds).long()
+    low = low[torch.randperm(rounds, generator=generator)]
+    t = torch.stack([low, num_train_timesteps - 1 - low], dim=1).reshape(-1)
+    return t, torch.searchsorted(torch.tensor(levels), t)
 
-    One run reads each pair once (the paper's 200 steps x 1024 pairs are 0.24 of an epoch),
-    so a run costs per pair: online = one online step's share (encoding and inversion to the
-    drawn level included); cached = the pair's inversion (full: all K levels at the largest
-    measured batch; planned: to the level read, at the faster planned batch size) + one
-    cached step's share. A sweep shares the inversion: with I and T the per-pair inversion
-    and cached-step costs, (I + 4 T) / (4 (I + T)) is the least it can cost against online.
-    """
-    batch = train["micro_batch"]
-    online = train["online"]["seconds_per_step"] / batch
-    cached = train["cached"]["seconds_per_step"] / batch
-    largest = max((n for n in inversion["pairs_per_second"] if n.startswith("batch")),
-                  key=lambda n: int(n.split()[1]))
-    planned = max((n for n in inversion["pairs_per_second"] if n.startswith("planned")),
-                  key=inversion["pairs_per_second"].get)  # invert.batch_size is the user's
-    invert = {"full cache": 1 / inversion["pairs_per_second"][largest],
-              "planned cache": 1 / inversion["pairs_per_second"][planned]}
-    out: dict = {"online_seconds_per_pair": online, "cached_train_seconds_per_pair": cached,
-                 "invert_seconds_per_pair": invert, "planned_inversion": planned}
-    for cache, seconds in invert.items():
-        out[cache] = {
-            "one_run_over_online": (seconds + cached) / online,
-            f"sweep_{SWEEP}_over_{SWEEP}_online": (seconds + SWEEP * cached) / (SWEEP * online),
-        }
-    return out
+
+def spread(values: list[float]) -> dict:
+    return {"median": statistics.median(values), "min": min(values), "max": max(values)}
+
+
+def side_by_side(model, rows: list[dict], levels: list[int], resolution: int, rounds: int,
+                 all_k: bool) -> tuple[dict, dict]:
+    """Train step and whole cost, timed side by side in alternating rounds.
+
+    Each round takes two pairs at mirrored levels (`mirrored_draws`) and times, one right
+    after the other (order reversed every other round): the planned inversion of the two
+    pairs (the invert stage at batch 1 with the frozen base: VAE and text encoding, each
+    pair up to the level training reads), two cached train steps on them, two online steps
+    (the authors' way: encode, invert with the policy up to the level, step), and on the tiny
+    model two online steps inverting all K. From one round's seconds I (inversion), T (cached
+    steps), O (online steps): train O / T; one run (I + T) / O, since a run reads each pair
+    once (the paper's 200 steps x 1024 pairs are 0.24 of an epoch); a sweep of 4 runs on one
+    cache (I + 4 T) / (4 O). Every ratio is per round; the figure is the median over rounds,
+    with the rounds' min and max."""
+    alphas = model.alphas_cumprod
+    t, k = mirrored_draws(levels, len(alphas), rounds + 1)  # round 0: warm-up
+    cache = cvo.invert_cache(model, rows, levels, resolution)
+    sources = ["cached", "online"] + (["online-all-K"] if all_k else [])
+    steps = cvo.step_variants(model, cache, levels, 1, k, t, sources, rows=rows,
+                              resolution=resolution)
+    n = len(rows)
+
+    def invert(i: int) -> None:
+        with torch.no_grad():
+            invert_pair_batch(model, [rows[i % n]], levels, resolution, 1, "mean",
+                              top=[int(k[i])])
+
+    def two(fn):  # the round's two pairs
+        return lambda r: [fn(2 * r), fn(2 * r + 1)]
+
+    variants = {"planned inversion": two(invert), **{s: two(fn) for s, fn in steps.items()}}
+    variants["planned inversion"](0)
+    variants["cached"](0)
+    times: dict[str, list[float]] = {name: [] for name in variants}
+    for r in range(1, rounds + 1):
+        order = list(variants) if r % 2 else list(reversed(variants))
+        for name in order:
+            times[name].append(cvo.timed(lambda name=name, r=r: variants[name](r),
+                                         model.device))
+    inv, cached, online = (times[s] for s in ("planned inversion", "cached", "online"))
+    per_pair = {name: statistics.median(s) / 2 for name, s in times.items()}
+    train: dict = {"micro_batch": 1, "rounds": rounds, "steps_per_round": 2,
+                   "levels": len(levels), "renoise_steps": 1,
+                   "mean_levels_inverted_online": float((k[2:] + 1).float().mean())}
+    for source in sources:
+        train[source] = {"seconds_per_step": per_pair[source],
+                         "pairs_per_second": 1 / per_pair[source]}
+    train["online_over_cached"] = spread([o / c for o, c in zip(online, cached, strict=True)])
+    if all_k:
+        train["online_all_K_over_cached"] = spread(
+            [a / c for a, c in zip(times["online-all-K"], cached, strict=True)])
+    cost = {"rounds": rounds, "seconds_per_pair": per_pair,
+            "one_run_over_online": spread(
+                [(i + c) / o for i, c, o in zip(inv, cached, online, strict=True)]),
+            f"sweep_{SWEEP}_over_{SWEEP}_online": spread(
+                [(i + SWEEP * c) / (SWEEP * o) for i, c, o in zip(inv, cached, online,
+                                                                  strict=True)]),
+            "seconds_per_round": {name: s for name, s in times.items()}}
+    return train, cost
 
 
 def prefetch_section(model, rows: list[dict], levels: list[int], resolution: int, folder: Path,
@@ -220,23 +285,24 @@ def download_section(folder: Path, pairs: int) -> dict:
 
 
 def table(result: dict) -> str:
-    lines = ["| figure | baseline | ours | ratio |", "|---|---|---|---|"]
+    lines = ["| figure | baseline | ours | ratio: median (min-max over rounds) |",
+             "|---|---|---|---|"]
+    def ratio(r: dict) -> str:
+        return f"**{r['median']:.2f}x** ({r['min']:.2f}-{r['max']:.2f})"
     for size, by_k in result["train"].items():
         for k, train in by_k.items():
-            all_k = (f" (all-K online: {train['online_all_K_over_cached']:.2f}x)"
+            all_k = (f"; all-K online: {train['online_all_K_over_cached']['median']:.2f}x"
                      if "online_all_K_over_cached" in train else "")
             lines.append(
                 f"| train step, {size}, K={k} | online to level k "
                 f"{train['online']['pairs_per_second']:.3f} pairs/s | cached "
                 f"{train['cached']['pairs_per_second']:.3f} pairs/s | "
-                f"**{train['online_over_cached']:.2f}x** faster{all_k} |")
+                f"{ratio(train['online_over_cached'])} faster{all_k} |")
             cost = result["whole_cost"][size][k]
-            for cache in ("full cache", "planned cache"):
-                c = cost[cache]
-                lines.append(
-                    f"| whole cost, {size}, K={k}, {cache} | 1 / {SWEEP} online runs | invert "
-                    f"+ 1 / {SWEEP} cached runs | **{c['one_run_over_online']:.2f}x** / "
-                    f"**{c[f'sweep_{SWEEP}_over_{SWEEP}_online']:.2f}x** of online |")
+            lines.append(
+                f"| whole cost, {size}, K={k}, planned cache | 1 / {SWEEP} online runs | invert "
+                f"+ 1 / {SWEEP} cached runs | {ratio(cost['one_run_over_online'])} / "
+                f"{ratio(cost[f'sweep_{SWEEP}_over_{SWEEP}_online'])} of online |")
     for size, inv in result["inversion"].items():
         cells = ", ".join(f"{name} {v:.2f}" for name, v in inv["pairs_per_second"].items())
         best = max(v for n, v in inv["speedup_over_batch_1"].items() if n.startswith("batch"))
@@ -250,11 +316,12 @@ def table(result: dict) -> str:
         lines.append(f"| train loop, tiny, cache on disk | read when needed "
                      f"{sec['read when needed']:.3f} s/step | prefetch {sec['prefetch']:.3f} "
                      f"s/step | **{p['off_over_on']:.2f}x** |")
-    score = result["score"]
-    lines.append(f"| score, {score['pairs']} pairs sharing images | one image per call "
-                 f"{score['pairs_per_second']['one image per call']:.1f} pairs/s | unique, "
-                 f"batched {score['pairs_per_second']['unique images, batched']:.1f} pairs/s "
-                 f"| **{score['speedup']:.2f}x** faster |")
+    if "score" in result:
+        score = result["score"]
+        lines.append(f"| score, {score['pairs']} pairs sharing images | one image per call "
+                     f"{score['pairs_per_second']['one image per call']:.1f} pairs/s | unique, "
+                     f"batched {score['pairs_per_second']['unique images, batched']:.1f} "
+                     f"pairs/s | **{score['speedup']:.2f}x** faster |")
     if "download" in result:
         d = result["download"]
         peak = d["peak_rss_mib"]
@@ -269,6 +336,9 @@ def main() -> int:
     parser.add_argument("--quick", action="store_true",
                         help="tiny model only, few steps: checks every code path in ~1 min")
     parser.add_argument("--device", default="auto")
+    parser.add_argument("--sizes", default="medium,tiny",
+                        help="models whose sections to run (comma-separated); the score and "
+                        "download sections run with tiny")
     parser.add_argument("--out", type=Path, default=RESULTS)
     parser.add_argument("--threads", type=int, default=0,
                         help="torch CPU threads (default: torch's choice); 1 is faster when "
@@ -278,60 +348,76 @@ def main() -> int:
     if args.threads:
         torch.set_num_threads(args.threads)
     started = time.perf_counter()
+    progress: list[dict] = []
+    result: dict = {}
+    args.out.mkdir(parents=True, exist_ok=True)
+    stem = f"{datetime.now(UTC):%Y-%m-%d}-{device.type}" + ("-quick" if args.quick else "")
+    partial = args.out / f"{stem}.partial.json"
 
     def say(what: str) -> None:
-        print(f"[{time.perf_counter() - started:5.0f} s] {what}", flush=True)
-    # Per model: timed train steps, pairs per step, pairs inverted, inversion batch sizes,
-    # rounds, and whether to time the old all-K online baseline too.
-    plan = ([("tiny", 3, 2, 4, [1, 4], 1, True)] if args.quick else
-            [("tiny", 12, 2, 8, [1, 2, 4, 8], 3, True), ("medium", 3, 1, 2, [1, 2], 1, False)])
-    result: dict = {"date": datetime.now(UTC).isoformat(timespec="seconds"),
-                    "command": " ".join([Path(sys.executable).name, *sys.argv]),
-                    "machine": machine(device), "train": {}, "whole_cost": {},
-                    "inversion": {}}
+        mark = {"section": what, "wall_s": round(time.perf_counter() - started, 1),
+                "cpu_s": round(cpu_seconds(), 1), "load_1min": os.getloadavg()[0]}
+        progress.append(mark)
+        # What is measured so far, in case the run is cut short on a busy machine.
+        partial.write_text(json.dumps({**result, "progress": progress}, indent=1) + "\n")
+        print(f"[{mark['wall_s']:5.0f} s wall, {mark['cpu_s']:5.0f} s CPU, load "
+              f"{mark['load_1min']:.1f}] {what}", flush=True)
+    # Per model: pairs, side-by-side rounds, inversion batch sizes and rounds, and whether to
+    # time the old all-K online baseline too. Sized so that the whole bench takes ~7 CPU
+    # minutes at one thread (docstring), most of it the medium rounds (~30-45 CPU s each);
+    # the medium model's inversion per batch size is left out (batching gains it nothing on
+    # a CPU, and its cost would double the medium share).
+    plan = ([("tiny", 4, 2, [1, 4], 1, True)] if args.quick else
+            [("medium", 2, 3, [], 0, False), ("tiny", 8, 5, [1, 2, 4, 8], 1, True)])
+    plan = [entry for entry in plan if entry[0] in args.sizes.split(",")]
+    result.update({"date": datetime.now(UTC).isoformat(timespec="seconds"),
+                   "command": " ".join([Path(sys.executable).name, *sys.argv]),
+                   "machine": machine(device), "train": {}, "whole_cost": {},
+                   "inversion": {}})
     work = Path(tempfile.mkdtemp(prefix="smpo-bench-"))
     try:
-        for size, steps, batch, pairs, batches, rounds, all_k in plan:
+        for size, pairs, rounds, batches, inversion_rounds, all_k in plan:
             model, resolution = cvo.build_model(size, work, device)
             rows = trainable_pairs(work / "data", pairs, seed=1)
             result["train"][size], result["whole_cost"][size] = {}, {}
+            if batches:
+                say(f"{size}, K=5: inversion vs batch size")
+                result["inversion"][size] = inversion_section(
+                    model, rows, inversion_levels(5, len(model.alphas_cumprod)), resolution,
+                    batches, inversion_rounds)
             for k in (5, 10):
                 levels = inversion_levels(k, len(model.alphas_cumprod))
-                say(f"{size}, K={k}: inversion")
-                # Every batch size at K = 5; at K = 10 only what the whole cost needs.
-                inversion = inversion_section(model, rows, levels, resolution,
-                                              batches if k == 5 else batches[-1:], rounds)
-                if k == 5:
-                    result["inversion"][size] = inversion
-                say(f"{size}, K={k}: train steps")
-                cache = cvo.invert_cache(model, rows, levels, resolution)
-                train = cvo.measure_train_steps(model, cache, levels, batch, steps,
-                                                with_all_levels=all_k, rows=rows,
-                                                resolution=resolution)
-                result["train"][size][k] = train
-                result["whole_cost"][size][k] = whole_cost(train, inversion)
+                say(f"{size}, K={k}: train step and whole cost, side by side")
+                result["train"][size][k], result["whole_cost"][size][k] = side_by_side(
+                    model, rows, levels, resolution, 2 if args.quick else rounds, all_k)
             if size == "tiny":
                 say("tiny: train loop, prefetch on and off")
                 result["prefetch"] = prefetch_section(
                     model, rows, inversion_levels(5, len(model.alphas_cumprod)), resolution,
-                    work / "prefetch-cache", 4, 1 if args.quick else 3)
+                    work / "prefetch-cache", 4, 1 if args.quick else 2)
             del model
-        say("score")
-        result["score"] = score_section(work, 16 if args.quick else 64, 1 if args.quick else 3)
-        say("download")
-        result["download"] = download_section(work, 40 if args.quick else 200)
+        if "tiny" in args.sizes.split(","):
+            say("score")
+            result["score"] = score_section(work, 16 if args.quick else 64,
+                                            1 if args.quick else 3)
+            say("download")
+            result["download"] = download_section(work, 40 if args.quick else 200)
+        say("done")
     finally:
         shutil.rmtree(work, ignore_errors=True)
+    result["progress"] = progress
+    result["cpu_seconds"] = cpu_seconds()
     result["seconds"] = time.perf_counter() - started
     text = table(result)
     print(text)
-    args.out.mkdir(parents=True, exist_ok=True)
-    stem = f"{datetime.now(UTC):%Y-%m-%d}-{device.type}" + ("-quick" if args.quick else "")
+    partial.unlink()
     (args.out / f"{stem}.json").write_text(json.dumps(result, indent=1) + "\n")
     (args.out / f"{stem}.md").write_text(
         f"`{result['command']}` on {result['machine'].get('cpu', result['machine']['platform'])}"
         f" ({result['machine']['cpu_cores']} cores), {result['date']}, "
-        f"{result['seconds'] / 60:.1f} min\n\n{text}\n")
+        f"{result['seconds'] / 60:.1f} min wall, {result['cpu_seconds'] / 60:.1f} CPU min, load "
+        f"average {min(m['load_1min'] for m in progress):.1f}-"
+        f"{max(m['load_1min'] for m in progress):.1f}\n\n{text}\n")
     print(f"wrote {args.out / stem}.json and .md ({result['seconds'] / 60:.1f} min)")
     return 0
 
