@@ -113,10 +113,12 @@ def _stage_table(stdout: str) -> dict[str, tuple[str, str]]:
 
 def _manifest(folder: Path) -> dict:
     data = json.loads((folder / "manifest.json").read_text())
-    # Timings, and how the work was split by a kill, are not results; `bytes` counts files
-    # that name the store's own path (compared byte for byte, that path replaced, by _files).
+    # Timings, and how the work was split by a kill (resumed shards, the UNet work this run
+    # did), are not results; `bytes` counts files that name the store's own path (compared
+    # byte for byte, that path replaced, by _files).
     return _without_split(_results({k: v for k, v in data.items()
-                                    if k != "bytes" and not k.startswith("resumed")}))
+                                    if k not in ("bytes", "unet_forwards_per_image")
+                                    and not k.startswith("resumed")}))
 
 
 def _results(data):
