@@ -140,12 +140,13 @@ def _check_unet(spec: ModelSpec) -> None:
 
 
 def _meta_modules(spec: ModelSpec, component: str) -> dict[str, torch.nn.Module]:
-    """The named modules of one component of the base, built without weights."""
-    from accelerate import init_empty_weights
-
+    """The named modules of one component of the base, built without weights. On the meta
+    device by torch's thread-local device context, not accelerate's init_empty_weights: that
+    patches nn.Module for every thread, and a sweep variant loading its model in another
+    thread meanwhile got meta tensors ("Cannot copy out of meta tensor")."""
     if component == "unet":
         config = _base_config(spec, "UNet config", subfolder="unet")
-        with init_empty_weights():
+        with torch.device("meta"):
             model = UNet2DConditionModel.from_config(config)
     else:
         from transformers import CLIPTextConfig, CLIPTextModel
@@ -156,7 +157,7 @@ def _meta_modules(spec: ModelSpec, component: str) -> dict[str, torch.nn.Module]
         except (OSError, ValueError) as exc:
             raise SmpoError(f"model {spec.label!r}: the LoRA in {spec.weights} adapts "
                             f"{component}, which base model {spec.base!r} does not have") from exc
-        with init_empty_weights():
+        with torch.device("meta"):
             model = CLIPTextModel(config)
     return dict(model.named_modules())
 
