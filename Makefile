@@ -45,8 +45,13 @@ study: install
 lint: install
 	$(BIN)/ruff check .
 
+# Two pytest-xdist workers (tests/conftest.py sends whole modules), one thread each:
+# torch's default of one OpenMP thread per core, in two workers beside the servers and
+# subprocesses the tests start, oversubscribes the cores, and spinning OpenMP threads then cost
+# 4-5x the CPU time of a single thread (measured: a tiny UNet forward, 0.47 vs 0.10 CPU-s).
+TEST_WORKERS ?= 2
 test: install lint
-	$(BIN)/pytest -q -m 'not slow'
+	OMP_NUM_THREADS=1 MKL_NUM_THREADS=1 $(BIN)/pytest -q -m 'not slow' -n $(TEST_WORKERS)
 
 # Tests over make test's budget, or not yet seen to pass on 2 cores (pyproject's `slow` marker).
 test-slow: install

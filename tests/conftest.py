@@ -33,6 +33,48 @@ SERVICES = ("prefect-server", "mlflow-server", "worker")
 os.environ.setdefault("PREFECT_SERVER_EPHEMERAL_STARTUP_TIMEOUT_SECONDS", "120")
 
 
+# `make test` runs on two pytest-xdist workers (`-n 2`): while one waits on a server or a
+# subprocess, the other computes. Each module stays on one worker, so that its module-scoped
+# runs are made once, and the modules sharing the served stack (a session fixture) stay
+# together for the same reason. The slowest start first, so that no worker is left alone with
+# a long one at the end (measured: CPU seconds of each module on 2 cores).
+SERVED_MODULES = ("test_deployments", "test_mlflow_ui")
+SLOW_FIRST = ("test_faults", "served", "test_pipeline", "test_sharded", "test_compare",
+              "test_sweep", "test_planned_cache")
+
+
+def _work_unit(nodeid: str) -> str:
+    module = nodeid.split("::")[0].rsplit("/", 1)[-1].removesuffix(".py")
+    return "served" if module in SERVED_MODULES else module
+
+
+@pytest.hookimpl(optionalhook=True)  # an xdist hook: plain `pytest` runs without it
+def pytest_xdist_make_scheduler(config, log):
+    """Whole modules as xdist's units of work, in collection order (xdist's own `loadgroup`
+    cannot group here: it renames node ids, which pytest 9 no longer reads)."""
+    from xdist.scheduler import LoadScopeScheduling
+
+    class ModuleScheduling(LoadScopeScheduling):
+        def _split_scope(self, nodeid: str) -> str:
+            return _work_unit(nodeid)
+
+    config.option.loadscopereorder = False  # keep SLOW_FIRST's order, not "most tests first"
+    return ModuleScheduling(config, log)
+
+
+def pytest_collection_modifyitems(config, items):
+    for item in items:  # a new module on the served stack must join its unit of work
+        if "served" in item.fixturenames and _work_unit(item.nodeid) != "served":
+            raise pytest.UsageError(f"{item.nodeid} uses the served stack: add its module to "
+                                    f"SERVED_MODULES in tests/conftest.py")
+
+    def rank(item) -> int:
+        unit = _work_unit(item.nodeid)
+        return SLOW_FIRST.index(unit) if unit in SLOW_FIRST else len(SLOW_FIRST)
+
+    items.sort(key=rank)  # stable: the order within a module is kept
+
+
 def free_ports(count: int) -> list[int]:
     """Ports nobody listens on now; held open together so that they differ."""
     sockets = []
