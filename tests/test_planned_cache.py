@@ -1,6 +1,8 @@
 """invert.levels=planned: the cache holds only the (pair, level) latents the training run its
 train settings describe will read; that run trains exactly as from the full cache, and a run
-that needs a level the cache lacks is refused before its first step."""
+that needs a level the cache lacks is refused before its first step. train.reference_errors=
+cached: the invert stage also stores the reference's errors at that run's draws, and training
+from them is the run that computes them, without the reference's forwards."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ SMALL = ["invert.max_pairs=8", "invert.shard_pairs=4", "invert.batch_size=2",
          "train.max_steps=3", "train.effective_batch=4", "train.batch_size=2",
          "train.learning_rate=1e-3", "train.warmup_steps=1", "train.checkpoint_every=100"]
 PLANNED = [*SMALL, "invert.levels=planned"]
+CACHED_REFERENCE = "train.reference_errors=cached"
 
 
 def run_task(name: str):
@@ -51,7 +54,8 @@ def caches(tmp_path_factory):
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        for name, overrides in (("full", SMALL), ("planned", PLANNED)):
+        for name, overrides in (("full", SMALL), ("planned", PLANNED),
+                                ("reference", [*PLANNED, CACHED_REFERENCE])):
             ctx = RunContext(load_settings("tiny", overrides), str(store), uri,
                              experiment_id(MlflowClient(uri), uri, store))
             pairs = {"download": run_task("download").fn(ctx, {})}
@@ -137,6 +141,57 @@ def test_a_run_that_needs_a_level_the_planned_cache_lacks_is_refused(caches, tmp
     assert not (tmp_path / "other" / "unet").exists()
 
 
+@pytest.mark.integration
+def test_training_from_cached_reference_errors_is_the_run_that_computes_them(
+        caches, tmp_path, monkeypatch):
+    import json
+
+    from diffusers import UNet2DConditionModel
+
+    calls: list[int] = []  # UNet forwards of each run
+    forward = UNet2DConditionModel.forward
+
+    def counting(self, *args, **kwargs):
+        calls[-1] += 1
+        return forward(self, *args, **kwargs)
+
+    monkeypatch.setattr(UNet2DConditionModel, "forward", counting)
+    for run, cache, overrides in (("compute", "planned", ()),
+                                  ("cached", "reference", (CACHED_REFERENCE,))):
+        calls.append(0)
+        _train(caches, cache, tmp_path / run, *overrides)
+    # 3 steps x 2 micro-batches: a policy and a reference forward each, against the policy's
+    # alone (the latents of both caches are the full cache's, bit for bit).
+    assert calls == [12, 6]
+    history = [json.loads((tmp_path / run / HISTORY).read_text()) for run in ("compute",
+                                                                            "cached")]
+    for name in ("loss", "ref_mse", "model_mse"):
+        ours, theirs = ([entry[name] for entry in h] for h in history)
+        # The invert stage ran the reference in training's micro-batches on this device: the
+        # same floats (another batch size would agree to rounding only).
+        assert len(ours) == 3 and ours == theirs, name
+    weights = [load_file(str(next((tmp_path / r / "unet").glob("*.safetensors"))))
+               for r in ("compute", "cached")]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[1][name], weights[0][name]) for name in weights[0])
+    stored = load_file(str(Path(caches["reference"].path) / "reference_errors.safetensors"))
+    assert stored["error"].shape == (3 * 4, 2) and stored["error"].isfinite().all()
+    assert caches["reference"].summary["reference_draws"] == 12
+    assert caches["planned"].summary["reference_draws"] == 0
+
+
+@pytest.mark.integration
+def test_cached_reference_errors_are_refused_when_absent_or_for_other_draws(caches, tmp_path):
+    with pytest.raises(SmpoError, match=r"holds no reference errors"):
+        _train(caches, "planned", tmp_path / "none", CACHED_REFERENCE)
+    # Other caption drops: the levels read are the same, the reference's inputs are not.
+    with pytest.raises(SmpoError, match=r"reference errors for other draws than this run's: "
+                       r"\d+ of 12 differ in drop_caption"):
+        _train(caches, "reference", tmp_path / "other", CACHED_REFERENCE,
+               "train.empty_caption_prob=0.9")
+    assert not (tmp_path / "none" / "unet").exists() and not (tmp_path / "other").exists()
+
+
 def test_a_beta_sweep_shares_one_planned_cache_and_another_plan_does_not():
     def key(*overrides: str) -> str:
         return stage_key_for(load_settings("tiny", [*PLANNED, *overrides]), "invert",
@@ -149,6 +204,15 @@ def test_a_beta_sweep_shares_one_planned_cache_and_another_plan_does_not():
     full = stage_key_for(load_settings("tiny", SMALL), "invert", {"download": "d"})
     assert full == stage_key_for(load_settings("tiny", [*SMALL, "train.seed=1"]), "invert",
                                  {"download": "d"})
+    # Cached reference errors: a cache of their own, shared by a beta sweep, not by other
+    # caption drops.
+    cached = key(CACHED_REFERENCE)
+    assert cached not in (key(), full)
+    assert cached == key(CACHED_REFERENCE, "train.beta=5000", "train.labels=human")
+    assert cached != key(CACHED_REFERENCE, "train.empty_caption_prob=0.5")
+    assert key() == key("train.empty_caption_prob=0.5")
+    with pytest.raises(SmpoError, match=r"train\.reference_errors=cached.*method=sft"):
+        load_settings("tiny", [*PLANNED, CACHED_REFERENCE, "train.method=sft"])
 
 
 @pytest.mark.integration
