@@ -94,6 +94,12 @@ def cached_reference_errors(settings: Settings, model: DiffusionModel, folder: P
     return draws | {"error": errors}
 
 
+def merge_reference_errors(parts: list[dict[str, torch.Tensor]]) -> dict[str, torch.Tensor]:
+    """The processes' `cached_reference_errors` as one: each draw's error from the one
+    process that computed it (the others hold NaN there)."""
+    return parts[0] | {"error": torch.stack([part["error"] for part in parts]).nansum(0)}
+
+
 def invert_shards(settings: Settings, store: Path, pairs_dir: Path, out_dir: Path,
                   device: torch.device, main: bool = True,
                   owned: Callable[[int], bool] | None = None,
@@ -238,10 +244,9 @@ def _process(spec: dict[str, Any]) -> dict[str, Any]:
     every = gather_object([stats])
     if "reference_errors" in stats:
         stats.pop("reference_errors")
-        if state.is_main_process:  # each draw's error comes from the one process that has it
-            parts = [s["reference_errors"] for s in every]
-            merged = parts[0] | {"error": torch.stack([p["error"] for p in parts]).nansum(0)}
-            write_reference_errors(Path(spec["out_dir"]), merged)
+        if state.is_main_process:
+            write_reference_errors(Path(spec["out_dir"]), merge_reference_errors(
+                [s["reference_errors"] for s in every]))
     return stats | {key: sum(s[key] for s in every) for key in ("resumed_shards",
                                                                  "bytes_written",
                                                                  "pair_levels_inverted")}

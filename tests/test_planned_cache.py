@@ -192,6 +192,25 @@ def test_cached_reference_errors_are_refused_when_absent_or_for_other_draws(cach
     assert not (tmp_path / "none" / "unet").exists() and not (tmp_path / "other").exists()
 
 
+@pytest.mark.integration
+def test_processes_split_the_reference_pass_into_the_errors_one_process_writes(caches):
+    from smpo_core.models import load_diffusion
+    from stages.invert import cached_reference_errors, merge_reference_errors
+
+    settings = load_settings("tiny", [*PLANNED, CACHED_REFERENCE])
+    model = load_diffusion(caches["base"], torch.device("cpu"), torch.float32)
+    folder = Path(caches["reference"].path)
+    parts = [cached_reference_errors(settings, model, folder, (rank, 2)) for rank in (0, 1)]
+    # 3 steps x 2 micro-batches of 2 pairs, dealt alternately: each draw computed once.
+    computed = [(~p["error"].isnan()).all(1) for p in parts]
+    assert [c.sum().item() for c in computed] == [6, 6] and not (computed[0] & computed[1]).any()
+    written = load_file(str(folder / "reference_errors.safetensors"))
+    merged = merge_reference_errors(parts)
+    for name in ("error", "position", "t", "drop_caption"):
+        assert torch.equal(merged[name], written[name]), name
+        assert torch.equal(parts[1][name], written[name]) or name == "error"
+
+
 def test_a_beta_sweep_shares_one_planned_cache_and_another_plan_does_not():
     def key(*overrides: str) -> str:
         return stage_key_for(load_settings("tiny", [*PLANNED, *overrides]), "invert",
