@@ -72,18 +72,50 @@ def _train(caches, cache: str, out_dir: Path, *overrides: str) -> dict:
     return run_training(job)
 
 
-@pytest.mark.integration
-def test_planned_cache_holds_exactly_the_levels_training_reads(caches, tmp_path, monkeypatch):
-    read: dict[int, set[int]] = {}
-    load = CachedPairs.__call__
+@pytest.fixture(scope="module")
+def runs(caches, tmp_path_factory):
+    """One training run from each cache (each trained once for the tests below): its folder,
+    what it asked of the cache per micro-batch (positions, t, k) and its UNet forwards."""
+    from diffusers import UNet2DConditionModel
+
+    out: dict[str, dict] = {}
+    load, forward = CachedPairs.__call__, UNet2DConditionModel.forward
 
     def recording(self, plan):  # what training really asks of the cache
-        for position, k in zip(plan.positions.tolist(), plan.k.tolist(), strict=True):
-            read.setdefault(position, set()).add(k)
+        current["asked"].append((plan.positions.tolist(), plan.t.tolist(), plan.k.tolist()))
         return load(self, plan)
 
-    monkeypatch.setattr(CachedPairs, "__call__", recording)
-    _train(caches, "planned", tmp_path / "run")
+    def counting(self, *args, **kwargs):
+        current["forwards"] += 1
+        return forward(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CachedPairs, "__call__", recording)
+        mp.setattr(UNet2DConditionModel, "forward", counting)
+        for name, overrides in (("full", ()), ("planned", ()),
+                                ("reference", (CACHED_REFERENCE,))):
+            current = out[name] = {"dir": tmp_path_factory.mktemp(name), "asked": [],
+                                   "forwards": 0}
+            _train(caches, name, current["dir"], *overrides)
+    return out
+
+
+def _history(run: dict, name: str) -> list[float]:
+    import json
+
+    return [entry[name] for entry in json.loads((run["dir"] / HISTORY).read_text())]
+
+
+def _weights(run: dict) -> dict[str, torch.Tensor]:
+    return load_file(str(next((run["dir"] / "unet").glob("*.safetensors"))))
+
+
+@pytest.mark.integration
+def test_planned_cache_holds_exactly_the_levels_training_reads(caches, runs):
+    read: dict[int, set[int]] = {}
+    for positions, _, ks in runs["planned"]["asked"]:
+        for position, k in zip(positions, ks, strict=True):
+            read.setdefault(position, set()).add(k)
     cache = TrajectoryCache(Path(caches["planned"].path))
     assert len(cache) == 8 and sum(map(len, read.values())) >= 4
     assert [set(levels) for levels in cache.stored_levels] == [read.get(p, set())
@@ -105,28 +137,12 @@ def test_planned_cache_holds_exactly_the_levels_training_reads(caches, tmp_path,
 
 
 @pytest.mark.integration
-def test_training_from_the_planned_cache_follows_training_from_the_full_cache(
-        caches, tmp_path, monkeypatch):
-    import json
-
-    asked: dict[str, list] = {"full": [], "planned": []}
-    load = CachedPairs.__call__
-    run = ["full"]
-
-    def recording(self, plan):
-        asked[run[0]].append((plan.positions.tolist(), plan.t.tolist(), plan.k.tolist()))
-        return load(self, plan)
-
-    monkeypatch.setattr(CachedPairs, "__call__", recording)
-    _train(caches, "full", tmp_path / "full")
-    run[0] = "planned"
-    _train(caches, "planned", tmp_path / "planned")
-    assert asked["planned"] == asked["full"] and len(asked["full"]) == 3 * 2
-    losses = [[entry["loss"] for entry in json.loads((tmp_path / r / HISTORY).read_text())]
-              for r in ("full", "planned")]
+def test_training_from_the_planned_cache_follows_training_from_the_full_cache(caches, runs):
+    full, planned = runs["full"], runs["planned"]
+    assert planned["asked"] == full["asked"] and len(full["asked"]) == 3 * 2
+    losses = [_history(run, "loss") for run in (full, planned)]
     assert len(losses[0]) == 3 and losses[1] == losses[0]  # the same floats, step for step
-    weights = [load_file(str(next((tmp_path / r / "unet").glob("*.safetensors"))))
-               for r in ("full", "planned")]
+    weights = [_weights(run) for run in (full, planned)]
     moved = load_file(str(next((Path(caches["base"]) / "unet").glob("*.safetensors"))))
     assert weights[0].keys() == weights[1].keys() == moved.keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
@@ -142,36 +158,18 @@ def test_a_run_that_needs_a_level_the_planned_cache_lacks_is_refused(caches, tmp
 
 
 @pytest.mark.integration
-def test_training_from_cached_reference_errors_is_the_run_that_computes_them(
-        caches, tmp_path, monkeypatch):
-    import json
-
-    from diffusers import UNet2DConditionModel
-
-    calls: list[int] = []  # UNet forwards of each run
-    forward = UNet2DConditionModel.forward
-
-    def counting(self, *args, **kwargs):
-        calls[-1] += 1
-        return forward(self, *args, **kwargs)
-
-    monkeypatch.setattr(UNet2DConditionModel, "forward", counting)
-    for run, cache, overrides in (("compute", "planned", ()),
-                                  ("cached", "reference", (CACHED_REFERENCE,))):
-        calls.append(0)
-        _train(caches, cache, tmp_path / run, *overrides)
+def test_training_from_cached_reference_errors_is_the_run_that_computes_them(caches, runs):
+    compute, cached = runs["planned"], runs["reference"]
+    assert cached["asked"] == compute["asked"]
     # 3 steps x 2 micro-batches: a policy and a reference forward each, against the policy's
     # alone (the latents of both caches are the full cache's, bit for bit).
-    assert calls == [12, 6]
-    history = [json.loads((tmp_path / run / HISTORY).read_text()) for run in ("compute",
-                                                                            "cached")]
+    assert (compute["forwards"], cached["forwards"]) == (12, 6)
     for name in ("loss", "ref_mse", "model_mse"):
-        ours, theirs = ([entry[name] for entry in h] for h in history)
+        ours, theirs = _history(cached, name), _history(compute, name)
         # The invert stage ran the reference in training's micro-batches on this device: the
         # same floats (another batch size would agree to rounding only).
         assert len(ours) == 3 and ours == theirs, name
-    weights = [load_file(str(next((tmp_path / r / "unet").glob("*.safetensors"))))
-               for r in ("compute", "cached")]
+    weights = [_weights(run) for run in (compute, cached)]
     assert weights[0].keys() == weights[1].keys()
     assert all(torch.equal(weights[1][name], weights[0][name]) for name in weights[0])
     stored = load_file(str(Path(caches["reference"].path) / "reference_errors.safetensors"))
@@ -235,7 +233,8 @@ def test_a_beta_sweep_shares_one_planned_cache_and_another_plan_does_not():
 
 
 @pytest.mark.integration
-def test_prefetching_the_next_micro_batch_trains_the_same_run(caches, tmp_path, monkeypatch):
+def test_prefetching_the_next_micro_batch_trains_the_same_run(caches, runs, tmp_path,
+                                                              monkeypatch):
     import json
 
     from smpo_core.acceleration import Prefetcher
@@ -248,14 +247,12 @@ def test_prefetching_the_next_micro_batch_trains_the_same_run(caches, tmp_path, 
         return get(self, key)
 
     monkeypatch.setattr(Prefetcher, "get", recording)
-    _train(caches, "full", tmp_path / "off", "train.prefetch=false")
-    assert served == []
     _train(caches, "full", tmp_path / "on", "train.prefetch=true")
     # 3 steps x 2 micro-batches; every one but the first was read while the one before ran.
     assert served == [False] + [True] * 5
-    losses = [[entry["loss"] for entry in json.loads((tmp_path / r / HISTORY).read_text())]
-              for r in ("off", "on")]
-    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    on = [entry["loss"] for entry in json.loads((tmp_path / "on" / HISTORY).read_text())]
+    off = _history(runs["full"], "loss")  # prefetch off, the default
+    assert len(off) == 3 and on == off
 
 
 def test_a_planned_batch_is_the_full_batch_up_to_its_highest_level(tmp_path, monkeypatch):
