@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/run.py --threads 1   # what `make bench` runs
     .venv/bin/python bench/run.py --quick         # every code path on tiny shapes, ~1 CPU min
 
-The full bench costs ~9 CPU minutes at one thread (an estimate from its parts; the JSON
+The full bench costs ~4 CPU minutes at one thread (4.0 measured on 2026-12-02; the JSON
 records its CPU seconds, its wall time and the load average at each section); on an idle
-core that is ~9 min wall, on a shared, loaded one the wall time grows with the load.
+core that is ~4 min wall, on a shared, loaded one the wall time grows with the load.
 Writes `bench/results/<date>-<device>.json`
 (every figure, the machine, the command) and `<date>-<device>.md` (the table the README
 shows), and prints the table. Machines here are shared and noisy, so no figure is a time
@@ -403,8 +403,8 @@ def main() -> int:
         print(f"[{mark['wall_s']:5.0f} s wall, {mark['cpu_s']:5.0f} s CPU, load "
               f"{mark['load_1min']:.1f}] {what}", flush=True)
     # Per model: pairs, side-by-side rounds, inversion batch sizes and rounds, and whether to
-    # time the old all-K online baseline too. Sized so that the whole bench takes ~7 CPU
-    # minutes at one thread (docstring), most of it the medium rounds (~30-45 CPU s each);
+    # time the old all-K online baseline too. Sized so that the whole bench takes ~4 CPU
+    # minutes at one thread (docstring), most of it the medium rounds (~15-22 CPU s each);
     # the medium model's inversion per batch size is left out (batching gains it nothing on
     # a CPU, and its cost would double the medium share).
     plan = ([("tiny", 4, 2, [1, 4], 1, True)] if args.quick else
