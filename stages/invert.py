@@ -241,12 +241,11 @@ def _process(spec: dict[str, Any]) -> dict[str, Any]:
         on_pairs=lambda count: say("process %d progress %d", state.process_index, count),
         log=say, share=(state.process_index, state.num_processes),
         barrier=state.wait_for_everyone)
-    every = gather_object([stats])
-    if "reference_errors" in stats:
-        stats.pop("reference_errors")
-        if state.is_main_process:
-            write_reference_errors(Path(spec["out_dir"]), merge_reference_errors(
-                [s["reference_errors"] for s in every]))
+    every = gather_object([stats])  # alone, `every` may hold `stats` itself, not a copy
+    parts = [s.pop("reference_errors") for s in every if "reference_errors" in s]
+    stats.pop("reference_errors", None)  # tensors: not part of the stage's JSON result
+    if parts and state.is_main_process:
+        write_reference_errors(Path(spec["out_dir"]), merge_reference_errors(parts))
     return stats | {key: sum(s[key] for s in every) for key in ("resumed_shards",
                                                                  "bytes_written",
                                                                  "pair_levels_inverted")}
