@@ -58,7 +58,7 @@ test-slow: install
 	$(BIN)/pytest -q -m slow
 
 # Every performance figure as side-by-side ratios (bench/run.py): bench/results/<date>-cpu.json
-# and .md; ~10 CPU minutes at one thread. One thread: the cores here are shared, and OpenMP
+# and .md; ~4 CPU minutes at one thread. One thread: the cores here are shared, and OpenMP
 # threads on oversubscribed cores spin against each other. The GPU figures: bench/gpu.sh.
 BENCH_THREADS ?= 1
 bench: install

@@ -18,6 +18,8 @@ online cost a lottery).
   average.
 - online-all-K (reported, not a baseline): inverting all K levels every step, what this bench
   compared against before; it flatters the cache by about 2x in inversion work.
+- cached-ref (`bench/run.py`): the cached step reading the reference's errors too, computed
+  beforehand with the frozen base (train.reference_errors=cached): no reference forward.
 
 Steps of the variants alternate (cached, online, online-all-K, cached, ...), so a noisy shared
 machine slows them alike; the figures are medians and the ratios are of medians.
@@ -111,19 +113,37 @@ def level_latents_online(policy, batch: PairBatch, k: torch.Tensor, alphas: torc
     return z[torch.arange(b), :, k]
 
 
-def train_step(policy, reference, optimizer, batch: PairBatch, z_level: torch.Tensor,
-               k: torch.Tensor, t: torch.Tensor, alphas: torch.Tensor, levels: list[int]
-               ) -> float:
-    """One SmPO optimiser step from the pairs' latents at their levels (METHOD.md §4): move
-    them to t along the level's DDIM path, compare policy and reference errors."""
+def placed(batch: PairBatch, z_level: torch.Tensor, k: torch.Tensor, t: torch.Tensor,
+           alphas: torch.Tensor, levels: list[int]) -> tuple[torch.Tensor, torch.Tensor]:
+    """z_t and its target tau: the pairs' latents at their levels moved to t along the
+    level's DDIM path (METHOD.md §4)."""
     device = batch.z0.device
     abar_level = alphas[torch.tensor(levels)[k]].view(-1, 1, 1, 1, 1).to(device)
     abar_t = alphas[t].view(-1, 1, 1, 1, 1).to(device)
     tau = implied_noise(z_level.float(), batch.z0.float(), abar_level)
-    z_t = forward_noise(batch.z0.float(), tau, abar_t)
-    model_err = pair_errors(predict_pairs(policy, z_t, t, batch), tau)
+    return forward_noise(batch.z0.float(), tau, abar_t), tau
+
+
+def reference_errors(reference, batch: PairBatch, z_level: torch.Tensor, k: torch.Tensor,
+                     t: torch.Tensor, alphas: torch.Tensor, levels: list[int]) -> torch.Tensor:
+    """(B, 2) the reference's errors at these draws: what a train step computes, and what
+    the invert stage stores with train.reference_errors=cached."""
+    z_t, tau = placed(batch, z_level, k, t, alphas, levels)
     with torch.no_grad():
-        ref_err = pair_errors(predict_pairs(reference, z_t, t, batch), tau)
+        return pair_errors(predict_pairs(reference, z_t, t, batch), tau)
+
+
+def train_step(policy, reference, optimizer, batch: PairBatch, z_level: torch.Tensor,
+               k: torch.Tensor, t: torch.Tensor, alphas: torch.Tensor, levels: list[int],
+               ref_err: torch.Tensor | None = None) -> float:
+    """One SmPO optimiser step from the pairs' latents at their levels (METHOD.md §4): move
+    them to t along the level's DDIM path, compare policy and reference errors (`ref_err`
+    when computed beforehand, else the reference's now)."""
+    z_t, tau = placed(batch, z_level, k, t, alphas, levels)
+    model_err = pair_errors(predict_pairs(policy, z_t, t, batch), tau)
+    if ref_err is None:
+        with torch.no_grad():
+            ref_err = pair_errors(predict_pairs(reference, z_t, t, batch), tau)
     loss, _ = preference_loss(model_err, ref_err, batch.weight, BETA)
     loss.backward()
     optimizer.step()
@@ -135,15 +155,30 @@ def step_variants(model: DiffusionModel, cache: PairBatch, levels: list[int], mi
                   k: torch.Tensor, t: torch.Tensor, sources: list[str], renoise_steps: int = 1,
                   rows: list[dict] | None = None, resolution: int = 0
                   ) -> dict[str, Callable[[int], float]]:
-    """One train-step function per source ("cached", "online", "online-all-K"), each with its
-    own copy of the policy; call i trains on the draws (k, t) i*B..i*B+B-1 and pairs
-    i*B..i*B+B-1 (mod the cache's). `cache` holds the full trajectory of the pairs
+    """One train-step function per source ("cached", "cached-ref", "online", "online-all-K"),
+    each with its own copy of the policy; call i trains on the draws (k, t) i*B..i*B+B-1 and
+    pairs i*B..i*B+B-1 (mod the cache's). `cache` holds the full trajectory of the pairs
     (B, 2, K, ...). With `rows` (the pairs' images and captions), an online step first
     VAE-encodes its pairs' images and encodes their captions, as the authors' training does
-    every step; the cached step reads both from the cache."""
+    every step; the cached step reads both from the cache; "cached-ref" also reads the
+    reference's errors at its draws, computed here beforehand with the frozen base (the
+    invert stage's work: `reference_errors`), and runs no reference forward."""
     alphas = model.alphas_cumprod
     n = cache.z0.shape[0]
     reference = model.unet.requires_grad_(False).eval()
+
+    def batch_of(slots: torch.Tensor) -> PairBatch:
+        pairs = slots % n
+        return PairBatch(cache.z0[pairs], None, cache.text[pairs], cache.weight[pairs],
+                         cache.winner[pairs])
+
+    stored: dict[int, torch.Tensor] = {}
+    if "cached-ref" in sources:
+        for i in range(len(k) // micro_batch):
+            slots = torch.arange(i * micro_batch, (i + 1) * micro_batch)
+            stored[i] = reference_errors(reference, batch_of(slots),
+                                         cache.z[slots % n, :, k[slots]], k[slots], t[slots],
+                                         alphas, levels)
 
     def variant(source: str) -> Callable[[int], float]:
         policy = copy.deepcopy(reference).train().requires_grad_(True)
@@ -152,10 +187,9 @@ def step_variants(model: DiffusionModel, cache: PairBatch, levels: list[int], mi
         def step(i: int) -> float:
             slots = torch.arange(i * micro_batch, (i + 1) * micro_batch)
             pairs = slots % n
-            batch = PairBatch(cache.z0[pairs], None, cache.text[pairs], cache.weight[pairs],
-                              cache.winner[pairs])
+            batch = batch_of(slots)
             ks, ts = k[slots], t[slots]
-            if source == "cached":
+            if source.startswith("cached"):
                 z_level = cache.z[pairs, :, ks]
             else:
                 if rows is not None:
@@ -166,7 +200,7 @@ def step_variants(model: DiffusionModel, cache: PairBatch, levels: list[int], mi
                 z_level = level_latents_online(policy, batch, ks, alphas, levels, renoise_steps,
                                                all_levels=source == "online-all-K")
             return train_step(policy, reference, optimizer, batch, z_level, ks, ts, alphas,
-                              levels)
+                              levels, stored.get(i) if source == "cached-ref" else None)
         return step
     return {source: variant(source) for source in sources}
 

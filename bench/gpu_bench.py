@@ -128,7 +128,9 @@ def autocast(device: torch.device, enabled: bool = True):
 
 def train_figures(shape: Shape, pairs: int, steps: int, peak: float) -> dict:
     """Cached vs online (to the sampled level) train steps; bf16 autocast, fp32 master
-    weights, bf16 reference; pairs/s and MFU."""
+    weights, bf16 reference; pairs/s and MFU. Also train.reference_errors=cached: the cached
+    step reading the reference's errors ("cached-ref", no reference forward) and the invert
+    stage's reference pass that computes them ("reference pass", one forward an image)."""
     device = shape.device
     reference = copy.deepcopy(shape.unet).to(torch.bfloat16 if device.type == "cuda"
                                               else torch.float32).requires_grad_(False).eval()
@@ -140,29 +142,47 @@ def train_figures(shape: Shape, pairs: int, steps: int, peak: float) -> dict:
     policy = copy.deepcopy(shape.unet).float().train().requires_grad_(True)
     optimizer = torch.optim.AdamW(policy.parameters(), lr=1e-5)
 
+    def batch_of(slots: torch.Tensor) -> PairBatch:
+        rows = slots % cache.z0.shape[0]
+        return PairBatch(cache.z0[rows], None, cache.text[rows], cache.weight[rows],
+                         cache.winner[rows],
+                         None if cache.pooled is None else cache.pooled[rows],
+                         None if cache.time_ids is None else cache.time_ids[rows])
+
+    def reference_pass(slots: torch.Tensor) -> torch.Tensor:
+        with autocast(device):
+            return cvo.reference_errors(reference, batch_of(slots),
+                                        cache.z[slots % cache.z0.shape[0], :, k[slots]],
+                                        k[slots], t[slots], shape.alphas, shape.levels)
+
+    stored = [reference_pass(torch.arange(i * pairs, (i + 1) * pairs))
+              for i in range(steps + 1)]
+
     def variant(source: str):
         def step(i: int) -> None:
             slots = torch.arange(i * pairs, (i + 1) * pairs)
-            rows = slots % cache.z0.shape[0]
-            batch = PairBatch(cache.z0[rows], None, cache.text[rows], cache.weight[rows],
-                              cache.winner[rows],
-                              None if cache.pooled is None else cache.pooled[rows],
-                              None if cache.time_ids is None else cache.time_ids[rows])
+            if source == "reference pass":
+                reference_pass(slots)
+                return
+            batch = batch_of(slots)
             with autocast(device):
-                if source == "cached":
-                    z_level = cache.z[rows, :, k[slots]]
+                if source.startswith("cached"):
+                    z_level = cache.z[slots % cache.z0.shape[0], :, k[slots]]
                 else:
                     z_level = cvo.level_latents_online(policy, batch, k[slots], shape.alphas,
                                                        shape.levels, 1)
                 cvo.train_step(policy, reference, optimizer, batch, z_level, k[slots],
-                               t[slots], shape.alphas, shape.levels)
+                               t[slots], shape.alphas, shape.levels,
+                               stored[i] if source == "cached-ref" else None)
         return step
 
-    times = cvo.interleaved({s: variant(s) for s in ("cached", "online")}, steps, device)
+    sources = ("cached", "online", "cached-ref", "reference pass")
+    times = cvo.interleaved({s: variant(s) for s in sources}, steps, device)
     forward = shape.forward_flops(2) / 2  # per image
     levels_online = float((k[pairs:] + 1).float().mean())
     flops = {"cached": 2 * 4 * forward,  # per pair: 2 images x (3 policy + 1 reference)
-             "online": 2 * (4 + 2 * levels_online) * forward}
+             "online": 2 * (4 + 2 * levels_online) * forward,
+             "cached-ref": 2 * 3 * forward, "reference pass": 2 * forward}
     out: dict = {"pairs_per_step": pairs, "levels": len(shape.levels),
                  "mean_levels_inverted_online": levels_online,
                  "unet_forward_gflops_per_image": forward / 1e9}
@@ -170,6 +190,8 @@ def train_figures(shape: Shape, pairs: int, steps: int, peak: float) -> dict:
         rate = pairs / statistics.median(seconds)
         out[source] = {"pairs_per_second": rate, "mfu": rate * flops[source] / peak}
     out["online_over_cached"] = out["cached"]["pairs_per_second"] / \
+        out["online"]["pairs_per_second"]
+    out["online_over_cached_ref"] = out["cached-ref"]["pairs_per_second"] / \
         out["online"]["pairs_per_second"]
     return out
 
@@ -375,7 +397,9 @@ def gpu_hours(result: dict, sweep: int = 4) -> dict:
     measured rates of one card: online training; full cache (every pair at all K levels, at
     the best measured inversion batch) + cached training; planned cache (each pair up to the
     level it is read at: the full inversion's cost x mean levels / K) + cached training; and
-    a `sweep`-run beta sweep sharing one planned cache."""
+    a `sweep`-run beta sweep sharing one planned cache; each planned figure also with the
+    reference's errors cached (train.reference_errors=cached: the invert stage's reference
+    pass once, training without the reference forward)."""
     out = {}
     for name in ("sd15", "sdxl"):
         if name not in result:
@@ -389,12 +413,18 @@ def gpu_hours(result: dict, sweep: int = 4) -> dict:
             "invert_full": RECIPE_PAIRS / full / 3600,
             "invert_planned": RECIPE_PAIRS / planned / 3600,
             "train_cached": RECIPE_PAIRS / train["cached"]["pairs_per_second"] / 3600,
+            "reference_pass": RECIPE_PAIRS / train["reference pass"]["pairs_per_second"] / 3600,
+            "train_cached_ref": RECIPE_PAIRS / train["cached-ref"]["pairs_per_second"] / 3600,
         }
+        with_errors = hours["invert_planned"] + hours["reference_pass"]
         out[name] = hours | {
             "one_run_full_cache": hours["invert_full"] + hours["train_cached"],
             "one_run_planned_cache": hours["invert_planned"] + hours["train_cached"],
             f"sweep_{sweep}_planned_cache": hours["invert_planned"]
             + sweep * hours["train_cached"],
+            "one_run_planned_cache_reference_errors": with_errors + hours["train_cached_ref"],
+            f"sweep_{sweep}_planned_cache_reference_errors": with_errors
+            + sweep * hours["train_cached_ref"],
             f"sweep_{sweep}_online": sweep * hours["online"],
             "paper": PAPER_GPU_HOURS[name],
         }

@@ -3,9 +3,9 @@
     OMP_NUM_THREADS=1 .venv/bin/python bench/run.py --threads 1   # what `make bench` runs
     .venv/bin/python bench/run.py --quick         # every code path on tiny shapes, ~1 CPU min
 
-The full bench costs ~9 CPU minutes at one thread (an estimate from its parts; the JSON
+The full bench costs ~4 CPU minutes at one thread (4.0 measured on 2026-12-02; the JSON
 records its CPU seconds, its wall time and the load average at each section); on an idle
-core that is ~9 min wall, on a shared, loaded one the wall time grows with the load.
+core that is ~4 min wall, on a shared, loaded one the wall time grows with the load.
 Writes `bench/results/<date>-<device>.json`
 (every figure, the machine, the command) and `<date>-<device>.md` (the table the README
 shows), and prints the table. Machines here are shared and noisy, so no figure is a time
@@ -19,7 +19,9 @@ Sections (the baseline of each first):
   training reads), two cached train steps, two online steps (the authors' code: encode, then
   invert each pair with the policy up to the level its step samples, then step). Ratios per
   round: train online / cached; one run (invert + cached) / online; a 4-run beta sweep on
-  one cache (invert + 4 cached) / (4 online).
+  one cache (invert + 4 cached) / (4 online). The same with the reference's errors cached
+  too (train.reference_errors=cached): the invert stage's reference pass at the two draws
+  and two cached steps without a reference forward.
 - score: one image per reward-model call, every image of every pair (the authors' scoring)
   against each unique image once, in batches (the score stage).
 - inversion: pairs/s against batch size, VAE and text encoding included (the invert stage's
@@ -53,6 +55,7 @@ from smpo_core.inversion import inversion_levels
 from smpo_core.models import resolve_device
 from smpo_core.rewards import load_reward_model
 from smpo_core.scoring import decode_image
+from smpo_core.training import PairBatch
 from smpo_core.trajectories import invert_pair_batch
 from smpo_core.worlds.tiny import build_tiny_clip_reward, trainable_pairs
 
@@ -139,15 +142,19 @@ def side_by_side(model, rows: list[dict], levels: list[int], resolution: int, ro
     pairs (the invert stage at batch 1 with the frozen base: VAE and text encoding, each
     pair up to the level training reads), two cached train steps on them, two online steps
     (the authors' way: encode, invert with the policy up to the level, step), and on the tiny
-    model two online steps inverting all K. From one round's seconds I (inversion), T (cached
-    steps), O (online steps): train O / T; one run (I + T) / O, since a run reads each pair
-    once (the paper's 200 steps x 1024 pairs are 0.24 of an epoch); a sweep of 4 runs on one
-    cache (I + 4 T) / (4 O). Every ratio is per round; the figure is the median over rounds,
+    model two online steps inverting all K; and for train.reference_errors=cached, the invert
+    stage's reference pass at the two pairs' draws (one frozen-base forward an image) and two
+    cached steps reading its errors (no reference forward). From one round's seconds I
+    (inversion), T (cached steps), O (online steps), R (reference pass), T' (cached steps
+    without the reference): train O / T and O / T'; one run (I + T) / O, since a run reads
+    each pair once (the paper's 200 steps x 1024 pairs are 0.24 of an epoch), and
+    (I + R + T') / O; a sweep of 4 runs on one cache (I + 4 T) / (4 O) and
+    (I + R + 4 T') / (4 O). Every ratio is per round; the figure is the median over rounds,
     with the rounds' min and max."""
     alphas = model.alphas_cumprod
     t, k = mirrored_draws(levels, len(alphas), rounds + 1)  # round 0: warm-up
     cache = cvo.invert_cache(model, rows, levels, resolution)
-    sources = ["cached", "online"] + (["online-all-K"] if all_k else [])
+    sources = ["cached", "cached-ref", "online"] + (["online-all-K"] if all_k else [])
     steps = cvo.step_variants(model, cache, levels, 1, k, t, sources, rows=rows,
                               resolution=resolution)
     n = len(rows)
@@ -157,19 +164,28 @@ def side_by_side(model, rows: list[dict], levels: list[int], resolution: int, ro
             invert_pair_batch(model, [rows[i % n]], levels, resolution, 1, "mean",
                               top=[int(k[i])])
 
+    def reference_pass(i: int) -> None:  # what the invert stage adds for step i's pair
+        pair = torch.tensor([i % n])
+        batch = PairBatch(cache.z0[pair], None, cache.text[pair], cache.weight[pair],
+                          cache.winner[pair])
+        cvo.reference_errors(model.unet, batch, cache.z[pair, :, k[i:i + 1]], k[i:i + 1],
+                             t[i:i + 1], alphas, levels)
+
     def two(fn):  # the round's two pairs
         return lambda r: [fn(2 * r), fn(2 * r + 1)]
 
-    variants = {"planned inversion": two(invert), **{s: two(fn) for s, fn in steps.items()}}
-    variants["planned inversion"](0)
-    variants["cached"](0)
+    variants = {"planned inversion": two(invert), "reference pass": two(reference_pass),
+                **{s: two(fn) for s, fn in steps.items()}}
+    for name in ("planned inversion", "reference pass", "cached", "cached-ref"):
+        variants[name](0)  # warm-up (round 0): the optimiser's state, first calls
     times: dict[str, list[float]] = {name: [] for name in variants}
     for r in range(1, rounds + 1):
         order = list(variants) if r % 2 else list(reversed(variants))
         for name in order:
             times[name].append(cvo.timed(lambda name=name, r=r: variants[name](r),
                                          model.device))
-    inv, cached, online = (times[s] for s in ("planned inversion", "cached", "online"))
+    inv, cached, online, ref, cached_ref = (times[s] for s in (
+        "planned inversion", "cached", "online", "reference pass", "cached-ref"))
     per_pair = {name: statistics.median(s) / 2 for name, s in times.items()}
     train: dict = {"micro_batch": 1, "rounds": rounds, "steps_per_round": 2,
                    "levels": len(levels), "renoise_steps": 1,
@@ -178,6 +194,8 @@ def side_by_side(model, rows: list[dict], levels: list[int], resolution: int, ro
         train[source] = {"seconds_per_step": per_pair[source],
                          "pairs_per_second": 1 / per_pair[source]}
     train["online_over_cached"] = spread([o / c for o, c in zip(online, cached, strict=True)])
+    train["online_over_cached_ref"] = spread([o / c for o, c in zip(online, cached_ref,
+                                                                    strict=True)])
     if all_k:
         train["online_all_K_over_cached"] = spread(
             [a / c for a, c in zip(times["online-all-K"], cached, strict=True)])
@@ -187,6 +205,13 @@ def side_by_side(model, rows: list[dict], levels: list[int], resolution: int, ro
             f"sweep_{SWEEP}_over_{SWEEP}_online": spread(
                 [(i + SWEEP * c) / (SWEEP * o) for i, c, o in zip(inv, cached, online,
                                                                   strict=True)]),
+            "reference_errors_cached": {
+                "one_run_over_online": spread(
+                    [(i + r + c) / o for i, r, c, o in zip(inv, ref, cached_ref, online,
+                                                           strict=True)]),
+                f"sweep_{SWEEP}_over_{SWEEP}_online": spread(
+                    [(i + r + SWEEP * c) / (SWEEP * o) for i, r, c, o in zip(
+                        inv, ref, cached_ref, online, strict=True)])},
             "seconds_per_round": {name: s for name, s in times.items()}}
     return train, cost
 
@@ -298,11 +323,21 @@ def table(result: dict) -> str:
                 f"{train['online']['pairs_per_second']:.3f} pairs/s | cached "
                 f"{train['cached']['pairs_per_second']:.3f} pairs/s | "
                 f"{ratio(train['online_over_cached'])} faster{all_k} |")
+            lines.append(
+                f"| train step, {size}, K={k}, reference errors cached | online to level k | "
+                f"cached, no reference forward {train['cached-ref']['pairs_per_second']:.3f} "
+                f"pairs/s | {ratio(train['online_over_cached_ref'])} faster |")
             cost = result["whole_cost"][size][k]
+            sweep = f"sweep_{SWEEP}_over_{SWEEP}_online"
             lines.append(
                 f"| whole cost, {size}, K={k}, planned cache | 1 / {SWEEP} online runs | invert "
                 f"+ 1 / {SWEEP} cached runs | {ratio(cost['one_run_over_online'])} / "
-                f"{ratio(cost[f'sweep_{SWEEP}_over_{SWEEP}_online'])} of online |")
+                f"{ratio(cost[sweep])} of online |")
+            ref = cost["reference_errors_cached"]
+            lines.append(
+                f"| whole cost, {size}, K={k}, planned cache + reference errors | 1 / {SWEEP} "
+                f"online runs | invert and reference pass + 1 / {SWEEP} cached runs | "
+                f"{ratio(ref['one_run_over_online'])} / {ratio(ref[sweep])} of online |")
     for size, inv in result["inversion"].items():
         cells = ", ".join(f"{name} {v:.2f}" for name, v in inv["pairs_per_second"].items())
         best = max(v for n, v in inv["speedup_over_batch_1"].items() if n.startswith("batch"))
@@ -347,6 +382,11 @@ def main() -> int:
     device = resolve_device(args.device)
     if args.threads:
         torch.set_num_threads(args.threads)
+    # A saturated preference loss (beta = 2000) back-propagates gradients small enough to be
+    # denormal floats, which a CPU computes ~25x slower: one medium cached step at one draw
+    # took 49 s against 1.7 s flushed (2026-12-02), a lottery of the draws, not a cost of
+    # either side. GPUs do not slow down on them; here they are flushed to zero.
+    torch.set_flush_denormal(True)
     started = time.perf_counter()
     progress: list[dict] = []
     result: dict = {}
@@ -363,12 +403,12 @@ def main() -> int:
         print(f"[{mark['wall_s']:5.0f} s wall, {mark['cpu_s']:5.0f} s CPU, load "
               f"{mark['load_1min']:.1f}] {what}", flush=True)
     # Per model: pairs, side-by-side rounds, inversion batch sizes and rounds, and whether to
-    # time the old all-K online baseline too. Sized so that the whole bench takes ~7 CPU
-    # minutes at one thread (docstring), most of it the medium rounds (~30-45 CPU s each);
+    # time the old all-K online baseline too. Sized so that the whole bench takes ~4 CPU
+    # minutes at one thread (docstring), most of it the medium rounds (~15-22 CPU s each);
     # the medium model's inversion per batch size is left out (batching gains it nothing on
     # a CPU, and its cost would double the medium share).
     plan = ([("tiny", 4, 2, [1, 4], 1, True)] if args.quick else
-            [("medium", 2, 3, [], 0, False), ("tiny", 8, 5, [1, 2, 4, 8], 1, True)])
+            [("medium", 2, 5, [], 0, False), ("tiny", 8, 5, [1, 2, 4, 8], 1, True)])
     plan = [entry for entry in plan if entry[0] in args.sizes.split(",")]
     result.update({"date": datetime.now(UTC).isoformat(timespec="seconds"),
                    "command": " ".join([Path(sys.executable).name, *sys.argv]),

@@ -102,7 +102,9 @@ class Trainer:
     job: TrainJob
     accelerator: Accelerator
     policy: torch.nn.Module
-    reference: Any  # a frozen UNet, the policy without its adapters (LoRA), or None (SFT)
+    # A frozen UNet, the policy without its adapters (LoRA), or None (SFT, or the reference's
+    # errors read from the cache: train.reference_errors=cached).
+    reference: Any
     optimizer: torch.optim.Optimizer
     schedule: Any
     plan: TrainingPlan
@@ -136,7 +138,8 @@ def make_accelerator(settings: Settings) -> Accelerator:
 
 
 def setup_models(job: TrainJob, device: torch.device) -> tuple[UNet2DConditionModel, Any, int]:
-    """The policy (trainable: the whole UNet, or LoRA adapters on it) and its reference."""
+    """The policy (trainable: the whole UNet, or LoRA adapters on it) and its reference (none
+    where the invert stage computed the reference's errors: train.reference_errors=cached)."""
     cfg, model_cfg = job.settings.train, job.settings.model
     start = job.unet or job.base
     policy = load_unet(start, revision=None if job.unet else model_cfg.revision).to(device)
@@ -146,7 +149,7 @@ def setup_models(job: TrainJob, device: torch.device) -> tuple[UNet2DConditionMo
         policy.enable_gradient_checkpointing()
     policy.train()
     reference = None
-    if cfg.method == "preference" and not cfg.lora_rank:
+    if cfg.method == "preference" and not cfg.lora_rank and cfg.reference_errors == "compute":
         reference = load_unet(start, resolve_dtype(model_cfg.dtype, device),
                               None if job.unet else model_cfg.revision)
         reference.requires_grad_(False).eval().to(device)
@@ -182,7 +185,7 @@ def setup(job: TrainJob) -> Trainer:
                                cfg.learning_rate, cfg.weight_decay)
     schedule = torch.optim.lr_scheduler.LambdaLR(optimizer, warmup_constant(cfg.warmup_steps))
     policy, optimizer, schedule = accelerator.prepare(policy, optimizer, schedule)
-    if cfg.lora_rank and cfg.method == "preference":
+    if cfg.lora_rank and cfg.method == "preference" and cfg.reference_errors == "compute":
         reference = AdaptersDisabled(accelerator.unwrap_model(policy))
     progress = TrainProgress()
     accelerator.register_for_checkpointing(progress)
@@ -192,9 +195,12 @@ def setup(job: TrainJob) -> Trainer:
     plan = TrainingPlan.of_run(cfg, levels, len(cache), scheduler.config.num_train_timesteps)
     if cfg.trajectory == "inversion" and cfg.trajectory_source == "cache":
         check_levels_cached(cache, plan, cfg.max_steps)
+    # Refused here, before the first step, if the cache has none or for other draws.
+    ref_err = (cache.reference_errors(plan.draws(cfg.max_steps))
+               if cfg.reference_errors == "cached" else None)
     data = CachedPairs(cache, weight, winner, device=device, load_levels=(
         cfg.trajectory == "inversion" and cfg.trajectory_source == "cache"),
-        prefetch=cfg.prefetch)
+        prefetch=cfg.prefetch, ref_err=ref_err)
     step_cfg = StepConfig(cfg.method, cfg.trajectory, cfg.trajectory_source, cfg.beta, levels,
                           settings.invert.renoise_steps, settings.invert.average,
                           scheduler.config.prediction_type)

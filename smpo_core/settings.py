@@ -155,6 +155,8 @@ class ScoreSettings(Section):
 
 # The train settings that decide which pairs a run draws and at which levels (TrainingPlan).
 PLAN_SETTINGS = ("seed", "effective_batch", "max_steps", "timestep_sampling")
+# What else the reference's errors at those draws depend on (train.reference_errors=cached).
+REFERENCE_SETTINGS = ("reference_errors", "empty_caption_prob")
 
 
 class InvertSettings(Section):
@@ -184,9 +186,15 @@ class InvertSettings(Section):
         "cache is the same as one process writes.")
 
     def borrowed_settings(self, settings: Settings) -> dict[str, Any]:
-        if self.levels == "all":
-            return {}
-        return {"train.plan": {name: getattr(settings.train, name) for name in PLAN_SETTINGS}}
+        borrowed: dict[str, Any] = {}
+        cached_reference = settings.train.reference_errors == "cached"
+        if self.levels == "planned" or cached_reference:
+            borrowed["train.plan"] = {name: getattr(settings.train, name)
+                                      for name in PLAN_SETTINGS}
+        if cached_reference:  # the captions dropped are part of the reference's input
+            borrowed["train.reference_errors"] = {
+                name: getattr(settings.train, name) for name in REFERENCE_SETTINGS}
+        return borrowed
 
 
 class TrainSettings(Section):
@@ -238,6 +246,16 @@ class TrainSettings(Section):
         False, description="Recompute UNet activations in the backward pass to save memory.")
     seed: int = Field(0, description="Seed of the pair order, timesteps, noise and caption "
                       "dropout.")
+    reference_errors: Literal["compute", "cached"] = Field(
+        "compute", description="compute: the reference UNet's errors r_j in every train step "
+        "(one forward per image); cached: the invert stage computes them once, with the "
+        "base that inverts (the reference), at every draw of the run set by train."
+        f"{', train.'.join(PLAN_SETTINGS + REFERENCE_SETTINGS[1:])}, and training reads "
+        "them: one run of a sweep over beta, learning rate or labels no longer runs the "
+        "reference, and full fine-tuning holds no frozen copy. Needs method=preference, "
+        "trajectory=inversion, trajectory_source=cache; training refuses a cache without "
+        "them or made for other draws. Equal to compute up to float rounding (bit for bit "
+        "where the device is deterministic: both use train.batch_size batches).")
     checkpoint_every: int = runtime_setting(50, "Save resumable training state every N steps.")
     log_every: int = runtime_setting(1, "Log metrics every N optimiser steps.")
     prefetch: bool = runtime_setting(
@@ -257,6 +275,18 @@ class TrainSettings(Section):
                 f"train.batch_size x train.num_processes = {self.batch_size} x "
                 f"{self.num_processes} = {per_micro_step}; choose a batch_size that divides "
                 f"effective_batch / num_processes")
+        return self
+
+    @model_validator(mode="after")
+    def _reference_errors_need_a_cached_trajectory(self) -> TrainSettings:
+        if self.reference_errors == "cached" and (
+                self.method, self.trajectory, self.trajectory_source) != (
+                "preference", "inversion", "cache"):
+            raise ValueError(
+                f"train.reference_errors=cached: the invert stage computes the reference's "
+                f"errors on the cached trajectory, for the preference loss; this run has "
+                f"method={self.method}, trajectory={self.trajectory}, trajectory_source="
+                f"{self.trajectory_source}: use train.reference_errors=compute")
         return self
 
     @property

@@ -43,6 +43,9 @@ class PairBatch:
     winner: torch.Tensor  # (B,) index (0 or 1) of the human winner, for SFT
     pooled: torch.Tensor | None = None  # (B, P) SDXL pooled text embedding
     time_ids: torch.Tensor | None = None  # (B, 2, 6) SDXL size/crop ids of each image
+    # (B, 2) the reference's errors r_j at this batch's draws, computed by the invert stage
+    # (train.reference_errors=cached); None: the reference UNet computes them in the step.
+    ref_err: torch.Tensor | None = None
 
     def condition(self, unet: UNet2DConditionModel) -> dict:
         """UNet keyword arguments for both images of every pair (pair-major, like z_t)."""
@@ -70,13 +73,15 @@ class StepConfig:
 class StepPlan:
     """The draws of one optimiser step, one entry per pair slot of its effective batch:
     which cached pair, its timestep t and inversion level k, whether its caption is dropped,
-    and the seed of its forward noise. Micro-batches are slices of it."""
+    the seed of its forward noise, and the slot's index in the whole run (step x effective
+    batch + slot: where its cached reference errors are). Micro-batches are slices of it."""
 
     positions: torch.Tensor  # (E,) positions in the trajectory cache
     t: torch.Tensor  # (E,) timesteps, shared by both images of a pair
     k: torch.Tensor  # (E,) the inversion level at or above t
     drop_caption: torch.Tensor  # (E,) bool
     noise_seed: torch.Tensor  # (E,) int64
+    draw: torch.Tensor  # (E,) int64, the slot's index in the run
 
     def __len__(self) -> int:
         return len(self.positions)
@@ -152,7 +157,15 @@ class TrainingPlan:
         t, k = self.timesteps(self.effective_batch, generator)
         drop = torch.rand(self.effective_batch, generator=generator) < self.empty_caption_prob
         noise_seed = torch.randint(2**62, (self.effective_batch,), generator=generator)
-        return StepPlan(positions, t, k, drop, noise_seed)
+        return StepPlan(positions, t, k, drop, noise_seed, slots)
+
+    def draws(self, max_steps: int) -> dict[str, torch.Tensor]:
+        """What the reference errors of steps 0..max_steps-1 depend on, one row per draw:
+        the pair's cache position, its timestep and whether its caption is dropped."""
+        steps = [self.step(step) for step in range(max_steps)]
+        return {"position": torch.cat([s.positions for s in steps]),
+                "t": torch.cat([s.t for s in steps]),
+                "drop_caption": torch.cat([s.drop_caption for s in steps])}
 
 
 def levels_read(plan: TrainingPlan, max_steps: int) -> dict[int, set[int]]:
@@ -246,6 +259,26 @@ def online_trajectory(policy: UNet2DConditionModel, batch: PairBatch,
     return z.movedim(0, 1).reshape(b, 2, len(cfg.levels), *z0.shape[1:])
 
 
+def trajectory_targets(batch: PairBatch, plan: StepPlan, alphas_cumprod: torch.Tensor,
+                       cfg: StepConfig) -> tuple[torch.Tensor, torch.Tensor]:
+    """z_t and the target of the model's prediction type at the plan's draws, both images of
+    every pair: (B, 2, C, H, W) each."""
+    z_t, noise = place_on_trajectory(batch, plan, alphas_cumprod, cfg.trajectory, cfg.levels)
+    abar_t = alphas_cumprod[plan.t].view(-1, 1, 1, 1, 1).to(z_t.device)
+    return z_t, prediction_target(cfg.prediction_type, batch.z0, noise, abar_t)
+
+
+def reference_errors(reference: UNet2DConditionModel, batch: PairBatch, plan: StepPlan,
+                     alphas_cumprod: torch.Tensor, cfg: StepConfig) -> torch.Tensor:
+    """(B, 2) the reference's errors r_j = ||target_j - eps_ref(z_t^j, c, t)||^2 (METHOD.md
+    §4) at the plan's draws, as the train step computes them. With a cached trajectory the
+    invert stage computes them once for every run of a sweep (train.reference_errors=cached):
+    the reference is the base that inverts, and z_t, c and t are the plan's."""
+    z_t, target = trajectory_targets(batch, plan, alphas_cumprod, cfg)
+    with torch.no_grad():
+        return pair_errors(predict_pairs(reference, z_t, plan.t, batch), target)
+
+
 def smpo_loss(
     policy: UNet2DConditionModel,
     reference: UNet2DConditionModel | None,
@@ -254,20 +287,23 @@ def smpo_loss(
     alphas_cumprod: torch.Tensor,
     cfg: StepConfig,
 ) -> tuple[torch.Tensor, dict[str, float]]:
-    """One micro-batch: the preference (or SFT) loss and its metrics, at the plan's draws."""
+    """One micro-batch: the preference (or SFT) loss and its metrics, at the plan's draws.
+    The reference's errors are the batch's `ref_err` where the invert stage computed them,
+    else the reference UNet's now."""
     if cfg.trajectory == "inversion" and cfg.trajectory_source == "online":
         batch.z = online_trajectory(policy, batch, alphas_cumprod, cfg)
-    z_t, noise = place_on_trajectory(batch, plan, alphas_cumprod, cfg.trajectory, cfg.levels)
-    abar_t = alphas_cumprod[plan.t].view(-1, 1, 1, 1, 1).to(z_t.device)
-    target = prediction_target(cfg.prediction_type, batch.z0, noise, abar_t)
+    z_t, target = trajectory_targets(batch, plan, alphas_cumprod, cfg)
     if cfg.method == "sft":
         rows = torch.arange(len(batch.winner))
         winner_t, winner_target = z_t[rows, batch.winner], target[rows, batch.winner]
         pred = predict_pairs(policy, winner_t[:, None].expand_as(z_t), plan.t, batch)[:, 0]
         return sft_loss(per_image_mse(pred, winner_target))
     model_err = pair_errors(predict_pairs(policy, z_t, plan.t, batch), target)
-    with torch.no_grad():
-        ref_err = pair_errors(predict_pairs(reference, z_t, plan.t, batch), target)
+    if batch.ref_err is not None:
+        ref_err = batch.ref_err.to(model_err)
+    else:
+        with torch.no_grad():
+            ref_err = pair_errors(predict_pairs(reference, z_t, plan.t, batch), target)
     return preference_loss(model_err, ref_err, batch.weight.to(model_err.device), cfg.beta)
 
 
@@ -386,14 +422,17 @@ class CachedPairs:
     """Micro-batches from the trajectory cache: the pairs a plan slice names, with the
     empty caption where the plan drops it. With `prefetch`, `ahead(plan)` starts reading a
     slice in a background thread (into pinned memory on a GPU, `acceleration.Prefetcher`), so
-    the read and the copy to the device overlap the step before it."""
+    the read and the copy to the device overlap the step before it. With `ref_err` (one
+    (2,) row per draw of the run, `TrajectoryCache.reference_errors`) each batch carries its
+    draws' reference errors."""
 
     def __init__(self, cache, weight: torch.Tensor, winner: torch.Tensor, load_levels: bool,
-                 device: torch.device, prefetch: bool = False):
+                 device: torch.device, prefetch: bool = False,
+                 ref_err: torch.Tensor | None = None):
         from smpo_core.acceleration import Prefetcher
 
         self.cache, self.weight, self.winner = cache, weight, winner
-        self.load_levels, self.device = load_levels, device
+        self.load_levels, self.device, self.ref_err = load_levels, device, ref_err
         self.prefetcher = Prefetcher(self._rows, device) if prefetch else None
 
     @staticmethod
@@ -421,4 +460,5 @@ class CachedPairs:
         return PairBatch(
             z0=rows["z0"], z=rows.get("z"), text=rows["text"], weight=rows["weight"],
             winner=rows["winner"], pooled=rows.get("pooled"), time_ids=rows.get("time_ids"),
+            ref_err=None if self.ref_err is None else self.ref_err[plan.draw].to(self.device),
         )

@@ -11,6 +11,10 @@ read: its shards hold z as (M, 2, C, H, W) rows, one per kept (pair, level), wit
 z_level (M,) saying whose and which; its index adds `levels`, the kept level indices of
 each pair (empty for a pair training never draws).
   empty_text.safetensors   the empty caption's embedding (for caption dropout in training)
+  reference_errors.safetensors  (train.reference_errors=cached) one row per draw of the training
+                           run the settings describe (step x effective batch + slot): error
+                           (N, 2) float32, the reference's r_j, and the draw it was computed
+                           at: position, t (N,) int64, drop_caption (N,) bool
 """
 
 from __future__ import annotations
@@ -25,7 +29,7 @@ import pyarrow as pa
 import pyarrow.parquet as pq
 import torch
 from safetensors import safe_open
-from safetensors.torch import save_file
+from safetensors.torch import load_file, save_file
 
 from smpo_core import faults
 from smpo_core.errors import SmpoError
@@ -45,6 +49,7 @@ from smpo_core.store import atomic_path, write_json
 CACHE_DTYPE = torch.float16
 # Settings a cache must share with the training run that reads it.
 COMPATIBILITY_KEYS = ("base_model", "unet", "resolution", "levels")
+REFERENCE_ERRORS = "reference_errors.safetensors"
 
 
 def expected_bytes(pairs: int, latent_shape: Sequence[int], levels: int,
@@ -213,6 +218,13 @@ def write_cache_meta(folder: Path, meta: dict[str, Any], empty: PromptEmbeds) ->
     write_json(folder / "cache.json", meta)
 
 
+def write_reference_errors(folder: Path, errors: dict[str, torch.Tensor]) -> None:
+    """reference_errors.safetensors: `error` (N, 2) and the draws (position, t, drop_caption)
+    it was computed at (`TrainingPlan.draws`)."""
+    with atomic_path(Path(folder) / REFERENCE_ERRORS) as tmp:
+        save_file({name: value.contiguous().cpu() for name, value in errors.items()}, str(tmp))
+
+
 def _every_shard(shard: int) -> bool:
     return True
 
@@ -365,6 +377,34 @@ class TrajectoryCache:
             return []
         return [(position, k) for position, levels in sorted(needed.items())
                 for k in sorted(levels) if k not in self.stored_levels[position]]
+
+    def reference_errors(self, draws: dict[str, torch.Tensor]) -> torch.Tensor:
+        """(N, 2) the reference's errors at these draws (`TrainingPlan.draws` of the run,
+        N of them), computed by the invert stage; refused when the cache has none or they
+        were computed at other draws (another seed, batch, step count, timestep sampling or
+        caption dropout)."""
+        path = self.folder / REFERENCE_ERRORS
+        retry = ("rerun invert with this run's train settings and train.reference_errors="
+                 "cached, or train with train.reference_errors=compute")
+        if not path.is_file():
+            raise SmpoError(f"trajectory cache {str(self.folder)!r} holds no reference errors "
+                            f"(inverted with train.reference_errors=compute); {retry}")
+        stored = load_file(str(path))
+        count = len(draws["t"])
+        if len(stored["error"]) < count:
+            raise SmpoError(f"trajectory cache {str(self.folder)!r} holds reference errors of "
+                            f"{len(stored['error'])} draws; this run makes {count}; {retry}")
+        for name in ("position", "t", "drop_caption"):
+            differ = (stored[name][:count] != draws[name]).nonzero().flatten()
+            if len(differ):
+                first = int(differ[0])
+                raise SmpoError(
+                    f"trajectory cache {str(self.folder)!r} holds reference errors for other "
+                    f"draws than this run's: {len(differ)} of {count} differ in {name}, e.g. "
+                    f"draw {first} (pair {self.pair_ids[int(draws['position'][first])]}): "
+                    f"{stored[name][first].item()} there, {draws[name][first].item()} here; "
+                    f"{retry}")
+        return stored["error"][:count]
 
     def _shard(self, shard: int) -> Any:
         if shard not in self._handles:

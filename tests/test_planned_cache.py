@@ -1,6 +1,8 @@
 """invert.levels=planned: the cache holds only the (pair, level) latents the training run its
 train settings describe will read; that run trains exactly as from the full cache, and a run
-that needs a level the cache lacks is refused before its first step."""
+that needs a level the cache lacks is refused before its first step. train.reference_errors=
+cached: the invert stage also stores the reference's errors at that run's draws, and training
+from them is the run that computes them, without the reference's forwards."""
 
 from __future__ import annotations
 
@@ -26,6 +28,7 @@ SMALL = ["invert.max_pairs=8", "invert.shard_pairs=4", "invert.batch_size=2",
          "train.max_steps=3", "train.effective_batch=4", "train.batch_size=2",
          "train.learning_rate=1e-3", "train.warmup_steps=1", "train.checkpoint_every=100"]
 PLANNED = [*SMALL, "invert.levels=planned"]
+CACHED_REFERENCE = "train.reference_errors=cached"
 
 
 def run_task(name: str):
@@ -51,7 +54,8 @@ def caches(tmp_path_factory):
     out = {}
     with pytest.MonkeyPatch.context() as mp:
         mp.delenv("MLFLOW_TRACKING_URI", raising=False)
-        for name, overrides in (("full", SMALL), ("planned", PLANNED)):
+        for name, overrides in (("full", SMALL), ("planned", PLANNED),
+                                ("reference", [*PLANNED, CACHED_REFERENCE])):
             ctx = RunContext(load_settings("tiny", overrides), str(store), uri,
                              experiment_id(MlflowClient(uri), uri, store))
             pairs = {"download": run_task("download").fn(ctx, {})}
@@ -68,18 +72,50 @@ def _train(caches, cache: str, out_dir: Path, *overrides: str) -> dict:
     return run_training(job)
 
 
-@pytest.mark.integration
-def test_planned_cache_holds_exactly_the_levels_training_reads(caches, tmp_path, monkeypatch):
-    read: dict[int, set[int]] = {}
-    load = CachedPairs.__call__
+@pytest.fixture(scope="module")
+def runs(caches, tmp_path_factory):
+    """One training run from each cache (each trained once for the tests below): its folder,
+    what it asked of the cache per micro-batch (positions, t, k) and its UNet forwards."""
+    from diffusers import UNet2DConditionModel
+
+    out: dict[str, dict] = {}
+    load, forward = CachedPairs.__call__, UNet2DConditionModel.forward
 
     def recording(self, plan):  # what training really asks of the cache
-        for position, k in zip(plan.positions.tolist(), plan.k.tolist(), strict=True):
-            read.setdefault(position, set()).add(k)
+        current["asked"].append((plan.positions.tolist(), plan.t.tolist(), plan.k.tolist()))
         return load(self, plan)
 
-    monkeypatch.setattr(CachedPairs, "__call__", recording)
-    _train(caches, "planned", tmp_path / "run")
+    def counting(self, *args, **kwargs):
+        current["forwards"] += 1
+        return forward(self, *args, **kwargs)
+
+    with pytest.MonkeyPatch.context() as mp:
+        mp.setattr(CachedPairs, "__call__", recording)
+        mp.setattr(UNet2DConditionModel, "forward", counting)
+        for name, overrides in (("full", ()), ("planned", ()),
+                                ("reference", (CACHED_REFERENCE,))):
+            current = out[name] = {"dir": tmp_path_factory.mktemp(name), "asked": [],
+                                   "forwards": 0}
+            _train(caches, name, current["dir"], *overrides)
+    return out
+
+
+def _history(run: dict, name: str) -> list[float]:
+    import json
+
+    return [entry[name] for entry in json.loads((run["dir"] / HISTORY).read_text())]
+
+
+def _weights(run: dict) -> dict[str, torch.Tensor]:
+    return load_file(str(next((run["dir"] / "unet").glob("*.safetensors"))))
+
+
+@pytest.mark.integration
+def test_planned_cache_holds_exactly_the_levels_training_reads(caches, runs):
+    read: dict[int, set[int]] = {}
+    for positions, _, ks in runs["planned"]["asked"]:
+        for position, k in zip(positions, ks, strict=True):
+            read.setdefault(position, set()).add(k)
     cache = TrajectoryCache(Path(caches["planned"].path))
     assert len(cache) == 8 and sum(map(len, read.values())) >= 4
     assert [set(levels) for levels in cache.stored_levels] == [read.get(p, set())
@@ -101,28 +137,12 @@ def test_planned_cache_holds_exactly_the_levels_training_reads(caches, tmp_path,
 
 
 @pytest.mark.integration
-def test_training_from_the_planned_cache_follows_training_from_the_full_cache(
-        caches, tmp_path, monkeypatch):
-    import json
-
-    asked: dict[str, list] = {"full": [], "planned": []}
-    load = CachedPairs.__call__
-    run = ["full"]
-
-    def recording(self, plan):
-        asked[run[0]].append((plan.positions.tolist(), plan.t.tolist(), plan.k.tolist()))
-        return load(self, plan)
-
-    monkeypatch.setattr(CachedPairs, "__call__", recording)
-    _train(caches, "full", tmp_path / "full")
-    run[0] = "planned"
-    _train(caches, "planned", tmp_path / "planned")
-    assert asked["planned"] == asked["full"] and len(asked["full"]) == 3 * 2
-    losses = [[entry["loss"] for entry in json.loads((tmp_path / r / HISTORY).read_text())]
-              for r in ("full", "planned")]
+def test_training_from_the_planned_cache_follows_training_from_the_full_cache(caches, runs):
+    full, planned = runs["full"], runs["planned"]
+    assert planned["asked"] == full["asked"] and len(full["asked"]) == 3 * 2
+    losses = [_history(run, "loss") for run in (full, planned)]
     assert len(losses[0]) == 3 and losses[1] == losses[0]  # the same floats, step for step
-    weights = [load_file(str(next((tmp_path / r / "unet").glob("*.safetensors"))))
-               for r in ("full", "planned")]
+    weights = [_weights(run) for run in (full, planned)]
     moved = load_file(str(next((Path(caches["base"]) / "unet").glob("*.safetensors"))))
     assert weights[0].keys() == weights[1].keys() == moved.keys()
     assert all(torch.equal(weights[0][name], weights[1][name]) for name in weights[0])
@@ -137,6 +157,58 @@ def test_a_run_that_needs_a_level_the_planned_cache_lacks_is_refused(caches, tmp
     assert not (tmp_path / "other" / "unet").exists()
 
 
+@pytest.mark.integration
+def test_training_from_cached_reference_errors_is_the_run_that_computes_them(caches, runs):
+    compute, cached = runs["planned"], runs["reference"]
+    assert cached["asked"] == compute["asked"]
+    # 3 steps x 2 micro-batches: a policy and a reference forward each, against the policy's
+    # alone (the latents of both caches are the full cache's, bit for bit).
+    assert (compute["forwards"], cached["forwards"]) == (12, 6)
+    for name in ("loss", "ref_mse", "model_mse"):
+        ours, theirs = _history(cached, name), _history(compute, name)
+        # The invert stage ran the reference in training's micro-batches on this device: the
+        # same floats (another batch size would agree to rounding only).
+        assert len(ours) == 3 and ours == theirs, name
+    weights = [_weights(run) for run in (compute, cached)]
+    assert weights[0].keys() == weights[1].keys()
+    assert all(torch.equal(weights[1][name], weights[0][name]) for name in weights[0])
+    stored = load_file(str(Path(caches["reference"].path) / "reference_errors.safetensors"))
+    assert stored["error"].shape == (3 * 4, 2) and stored["error"].isfinite().all()
+    assert caches["reference"].summary["reference_draws"] == 12
+    assert caches["planned"].summary["reference_draws"] == 0
+
+
+@pytest.mark.integration
+def test_cached_reference_errors_are_refused_when_absent_or_for_other_draws(caches, tmp_path):
+    with pytest.raises(SmpoError, match=r"holds no reference errors"):
+        _train(caches, "planned", tmp_path / "none", CACHED_REFERENCE)
+    # Other caption drops: the levels read are the same, the reference's inputs are not.
+    with pytest.raises(SmpoError, match=r"reference errors for other draws than this run's: "
+                       r"\d+ of 12 differ in drop_caption"):
+        _train(caches, "reference", tmp_path / "other", CACHED_REFERENCE,
+               "train.empty_caption_prob=0.9")
+    assert not (tmp_path / "none" / "unet").exists() and not (tmp_path / "other").exists()
+
+
+@pytest.mark.integration
+def test_processes_split_the_reference_pass_into_the_errors_one_process_writes(caches):
+    from smpo_core.models import load_diffusion
+    from stages.invert import cached_reference_errors, merge_reference_errors
+
+    settings = load_settings("tiny", [*PLANNED, CACHED_REFERENCE])
+    model = load_diffusion(caches["base"], torch.device("cpu"), torch.float32)
+    folder = Path(caches["reference"].path)
+    parts = [cached_reference_errors(settings, model, folder, (rank, 2)) for rank in (0, 1)]
+    # 3 steps x 2 micro-batches of 2 pairs, dealt alternately: each draw computed once.
+    computed = [(~p["error"].isnan()).all(1) for p in parts]
+    assert [c.sum().item() for c in computed] == [6, 6] and not (computed[0] & computed[1]).any()
+    written = load_file(str(folder / "reference_errors.safetensors"))
+    merged = merge_reference_errors(parts)
+    for name in ("error", "position", "t", "drop_caption"):
+        assert torch.equal(merged[name], written[name]), name
+        assert torch.equal(parts[1][name], written[name]) or name == "error"
+
+
 def test_a_beta_sweep_shares_one_planned_cache_and_another_plan_does_not():
     def key(*overrides: str) -> str:
         return stage_key_for(load_settings("tiny", [*PLANNED, *overrides]), "invert",
@@ -149,10 +221,20 @@ def test_a_beta_sweep_shares_one_planned_cache_and_another_plan_does_not():
     full = stage_key_for(load_settings("tiny", SMALL), "invert", {"download": "d"})
     assert full == stage_key_for(load_settings("tiny", [*SMALL, "train.seed=1"]), "invert",
                                  {"download": "d"})
+    # Cached reference errors: a cache of their own, shared by a beta sweep, not by other
+    # caption drops.
+    cached = key(CACHED_REFERENCE)
+    assert cached not in (key(), full)
+    assert cached == key(CACHED_REFERENCE, "train.beta=5000", "train.labels=human")
+    assert cached != key(CACHED_REFERENCE, "train.empty_caption_prob=0.5")
+    assert key() == key("train.empty_caption_prob=0.5")
+    with pytest.raises(SmpoError, match=r"train\.reference_errors=cached.*method=sft"):
+        load_settings("tiny", [*PLANNED, CACHED_REFERENCE, "train.method=sft"])
 
 
 @pytest.mark.integration
-def test_prefetching_the_next_micro_batch_trains_the_same_run(caches, tmp_path, monkeypatch):
+def test_prefetching_the_next_micro_batch_trains_the_same_run(caches, runs, tmp_path,
+                                                              monkeypatch):
     import json
 
     from smpo_core.acceleration import Prefetcher
@@ -165,14 +247,12 @@ def test_prefetching_the_next_micro_batch_trains_the_same_run(caches, tmp_path, 
         return get(self, key)
 
     monkeypatch.setattr(Prefetcher, "get", recording)
-    _train(caches, "full", tmp_path / "off", "train.prefetch=false")
-    assert served == []
     _train(caches, "full", tmp_path / "on", "train.prefetch=true")
     # 3 steps x 2 micro-batches; every one but the first was read while the one before ran.
     assert served == [False] + [True] * 5
-    losses = [[entry["loss"] for entry in json.loads((tmp_path / r / HISTORY).read_text())]
-              for r in ("off", "on")]
-    assert len(losses[0]) == 3 and losses[0] == losses[1]
+    on = [entry["loss"] for entry in json.loads((tmp_path / "on" / HISTORY).read_text())]
+    off = _history(runs["full"], "loss")  # prefetch off, the default
+    assert len(off) == 3 and on == off
 
 
 def test_a_planned_batch_is_the_full_batch_up_to_its_highest_level(tmp_path, monkeypatch):

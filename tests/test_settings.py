@@ -107,7 +107,11 @@ def test_result_settings_change_their_stage_keys_and_runtime_settings_do_not():
                 update={name: _other_value(getattr(values, name), field.annotation)})})
             for stage in STAGES:
                 moved = stage_key_for(changed, stage, {}) != keys[stage]
-                reads = section in (stage, *STAGES[stage].shares)
+                # A stage reads its own and its shared sections, and the settings of other
+                # sections it borrows (invert: train.reference_errors=cached borrows the plan).
+                borrowed = {name.split(".")[0] for s in (settings, changed)
+                            for name in s.section(stage).borrowed_settings(s)}
+                reads = section in (stage, *STAGES[stage].shares, *borrowed)
                 assert moved == (reads and is_result_setting(field)), (
                     f"{section}.{name} {'moves' if moved else 'keeps'} the {stage} key")
 

@@ -26,9 +26,11 @@ from tests.conftest import REPO, free_ports
 pytestmark = pytest.mark.integration
 
 # 16 pairs in 4 pair shards of 4; 4 cache shards of 4 pairs; 2 training steps of 4 pairs (2
-# per process); 4 prompts in 2 chunks of 2.
+# per process); 4 prompts in 2 chunks of 2. The invert stage computes the reference's errors
+# too (split between its processes), and training on two machines reads them by draw.
 SMALL = ["download.max_pairs=16", "download.shard_rows=4", "score.batch_size=3",
-         "invert.shard_pairs=4", "invert.batch_size=2", "train.max_steps=2",
+         "invert.shard_pairs=4", "invert.batch_size=2", "train.reference_errors=cached",
+         "train.max_steps=2",
          "train.batch_size=2", "train.effective_batch=4", "train.checkpoint_every=1",
          "evaluate.num_prompts=4", "evaluate.chunk_prompts=2",
          "evaluate.num_inference_steps=2", "evaluate.metrics={pickscore: builtin:tiny-clip}",
@@ -128,10 +130,12 @@ def sharded(tmp_path_factory):
             folder = Path(one.path)
             out[stage, 1] = {"result": one, "files": _files(folder, "*.parquet"),
                              "tensors": _tensors(folder),
-                             "cache": _files(folder, "*.json")}
+                             "cache": _files(folder, "*.json"),
+                             "reference": _files(folder, "reference_errors.safetensors")}
             two = task[stage](ctx(f"{stage}.num_processes=2"), pairs, force=True)
             out[stage, 2] = {"result": two, "files": _files(folder, "*.parquet"),
                              "tensors": _tensors(folder), "cache": _files(folder, "*.json"),
+                             "reference": _files(folder, "reference_errors.safetensors"),
                              "launched": json.loads((folder / "launch.json").read_text())}
         invert = Path(out["invert", 2]["result"].path)
         kept = {p.name: p.stat().st_mtime_ns for p in invert.glob("shard-*")}
@@ -186,6 +190,9 @@ def test_two_processes_invert_the_same_cache_as_one(sharded):
     assert sorted(one["tensors"]) == [f"shard-{i:05d}.safetensors" for i in range(4)]
     assert two["files"] == one["files"]  # the index: pair ids, shards, rows
     assert two["cache"]["cache.json"] == one["cache"]["cache.json"]
+    # Each process computed half the draws' reference errors; merged, one process's bytes.
+    assert list(one["reference"]) == ["reference_errors.safetensors"]
+    assert two["reference"] == one["reference"]
     for name, tensors in one["tensors"].items():
         for key, value in tensors.items():
             assert torch.equal(two["tensors"][name][key], value), (name, key)
