@@ -6,7 +6,12 @@ VENV ?= .venv
 BIN := $(VENV)/bin
 STAMP := $(VENV)/.installed
 
-.PHONY: install demo toy-demo toy-world study test test-slow lint clean-store reference-check bench
+.PHONY: install demo tiny-demo toy-demo toy-world study test test-slow lint clean-store reference-check bench
+
+# Torch threads of the demos and the study. One: on 2 cores shared with other work, two OpenMP
+# threads spin against each other (measured: the toy run's invert 13 s at one thread, 113 s at
+# two beside one busy process; train 20 s against 311 s). DEMO_THREADS=2 on two quiet cores.
+DEMO_THREADS ?= 1
 
 install: $(STAMP)
 
@@ -19,14 +24,16 @@ $(STAMP): pyproject.toml
 	$(BIN)/pip install --quiet --no-deps open-clip-torch==3.3.0
 	touch $(STAMP)
 
-demo: install
-	$(BIN)/smpo run --profile tiny
-
 # The toy world: a base model pretrained here on drawn scenes, simulated annotators, a reward
-# model fine-tuned on their labels; the report states the true-reward gain (toy-truth row).
-# Meant to become `make demo` once the committed base model is recognisable (README).
-toy-demo: install
-	$(BIN)/smpo run --profile toy
+# model fine-tuned on their labels; the run ends with the true-reward gain and its interval.
+demo: install
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/smpo run --profile toy
+
+toy-demo: demo
+
+# The random tiny models (what the tests run): the pipeline's mechanics, no alignment.
+tiny-demo: install
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/smpo run --profile tiny
 
 # After a new base model (weights/toy-sd, smpo_core/worlds/toy/README.md): the pairs the
 # pipeline scores, sampled from it and labelled by the annotators, then the reward model,
@@ -40,7 +47,7 @@ toy-world: install
 # The five methods x three seeds on the toy world: study.json, table.md, curves.png in
 # smpo-store/study/ and one MLflow parent run with a child per method (flows/study.py).
 study: install
-	$(BIN)/smpo study
+	OMP_NUM_THREADS=$(DEMO_THREADS) $(BIN)/smpo study
 
 lint: install
 	$(BIN)/ruff check .

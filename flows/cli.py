@@ -147,16 +147,26 @@ def print_table(rows: list[dict]) -> None:
 
 
 def print_results(results: dict[str, dict[str, float]]) -> None:
-    """The evaluation's results: per metric the base and tuned means, the difference and the
-    tuned model's win rate with its 95% interval."""
+    """The evaluation's results: per metric the base and tuned means, the paired difference
+    and the tuned model's win rate, each with its 95% interval; in the toy world, a sentence
+    on the true-reward gain (its ground truth, the `toy-truth` metric)."""
     from smpo_core.evaluation import result_rows
 
-    print(f"\n{'metric':<12} {'base':>10} {'tuned':>10} {'difference':>11}  "
+    print(f"\n{'metric':<12} {'base':>10} {'tuned':>10}  {'difference [95% CI]':<29} "
           f"win rate [95% CI]")
-    for row in result_rows(results):
+    rows = result_rows(results)
+    for row in rows:
+        diff = (f"{row['difference']:+.4f} [{row['difference_ci'][0]:+.4f}, "
+                f"{row['difference_ci'][1]:+.4f}]")
         low, high = row["win_rate_ci"]
-        print(f"{row['metric']:<12} {row['base']:>10.4f} {row['tuned']:>10.4f} "
-              f"{row['difference']:>+11.4f}  {row['win_rate']:.3f} [{low:.3f}, {high:.3f}]")
+        print(f"{row['metric']:<12} {row['base']:>10.4f} {row['tuned']:>10.4f}  {diff:<29} "
+              f"{row['win_rate']:.3f} [{low:.3f}, {high:.3f}]")
+    for row in rows:
+        if row["metric"] == "toy-truth":
+            low, high = row["difference_ci"]
+            print(f"\ntrue-reward gain {row['difference']:+.4f} [95% CI {low:+.4f}, {high:+.4f}]"
+                  f": the simulated annotators' mean reward, the toy world's ground truth, "
+                  f"{row['base']:.4f} (base) -> {row['tuned']:.4f} (tuned)")
 
 
 def print_dry_run(planned: list) -> None:

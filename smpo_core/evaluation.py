@@ -418,7 +418,7 @@ def headline(summary: dict[str, Any]) -> dict[str, dict[str, float]]:
 def result_rows(results: dict[str, dict[str, float]], reference: str = "base",
                 model: str = "tuned") -> list[dict[str, Any]]:
     """Per metric of `headline`'s numbers: the reference's and the model's mean, the mean
-    paired difference and the model's win rate with its 95% interval: the rows of the
+    paired difference and the model's win rate, each with its 95% interval: the rows of the
     results table a run ends with."""
     rows = []
     for name, values in results.items():
@@ -427,6 +427,7 @@ def result_rows(results: dict[str, dict[str, float]], reference: str = "base",
             continue
         rows.append({"metric": kind, reference: results[f"{kind}.{reference}"]["mean"],
                      model: values["mean"], "difference": values["diff_mean"],
+                     "difference_ci": (values["diff_ci_low"], values["diff_ci_high"]),
                      "win_rate": values["win_rate"],
                      "win_rate_ci": (values["win_rate_ci_low"], values["win_rate_ci_high"])})
     return rows

@@ -77,7 +77,8 @@ def test_result_rows_pair_each_metric_of_base_and_tuned():
                             "win_rate_ci_high": 0.9},
     }
     assert result_rows(results) == [{"metric": "pickscore", "base": 20.0, "tuned": 21.5,
-                                     "difference": 1.5, "win_rate": 0.75,
+                                     "difference": 1.5, "difference_ci": (1.0, 2.0),
+                                     "win_rate": 0.75,
                                      "win_rate_ci": (0.5, 0.9)}]
 
 
@@ -111,3 +112,19 @@ def test_runs_of_an_empty_store_says_how_to_make_some(tmp_path):
     assert done.returncode == 0, done.stderr
     assert done.stdout.strip() == f"no train or evaluate outputs in {tmp_path} yet: `smpo run` " \
                                   f"makes them"
+
+
+def test_results_state_the_difference_interval_and_the_toy_worlds_true_reward_gain(capsys):
+    from flows.cli import print_results
+
+    tuned = {"mean": 0.67, "median": 0.66, "diff_mean": 0.07, "diff_ci_low": 0.04,
+             "diff_ci_high": 0.1, "win_rate": 0.875, "win_rate_ci_low": 0.79,
+             "win_rate_ci_high": 0.96}
+    print_results({"toy-truth.base": {"mean": 0.6, "median": 0.6}, "toy-truth.tuned": tuned})
+    lines = capsys.readouterr().out.splitlines()
+    assert lines[2].split() == ["toy-truth", "0.6000", "0.6700", "+0.0700", "[+0.0400,",
+                                "+0.1000]", "0.875", "[0.790,", "0.960]"]
+    assert lines[-1].startswith("true-reward gain +0.0700 [95% CI +0.0400, +0.1000]")
+    print_results({"pickscore.base": {"mean": 20.0, "median": 20.0},
+                   "pickscore.tuned": tuned | {"mean": 20.07}})
+    assert "true-reward gain" not in capsys.readouterr().out

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import hashlib
 import json
+import random
 
 import numpy as np
 import pyarrow.parquet as pq
@@ -89,3 +90,21 @@ def test_committed_weights_match_their_record(name, record_file):
     assert record["command"].startswith("python -m smpo_core.worlds.toy.")
     for file, digest in record["sha256"].items():
         assert hashlib.sha256((folder / file).read_bytes()).hexdigest() == digest
+
+
+def test_committed_vae_reconstructs_drawn_scenes_recognisably():
+    """The committed base model's VAE keeps what the detector needs (the samples cannot be
+    better than its decodes), and its posterior is a point: the invert stage's posterior
+    samples equal the mean."""
+    from diffusers import AutoencoderKL
+
+    from smpo_core.worlds.toy.pretrain import reconstructed, vae_batch
+
+    vae = AutoencoderKL.from_pretrained(WEIGHTS / "toy-sd", subfolder="vae",
+                                        torch_dtype=torch.float32).eval()
+    verdict = reconstructed(vae, random.Random(11), count=64)
+    assert verdict["colour"] >= 0.95 and verdict["recognisable"] >= 0.85, verdict
+    images, _, _ = vae_batch(random.Random(12), 4)
+    with torch.no_grad():
+        posterior = vae.encode(images).latent_dist
+    assert float(posterior.std.max()) < 1e-5

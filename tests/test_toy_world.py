@@ -162,6 +162,35 @@ def test_reconstruction_check_counts_what_the_detector_still_sees():
     assert greyed["shape"] >= 0.8  # the shape survives in luminance
 
 
+def test_vae_targets_mark_the_drawn_object_and_its_colour():
+    import torch
+
+    from smpo_core.worlds.toy.pretrain import vae_batch, vae_loss
+
+    images, mask, colour = vae_batch(random.Random(5), 8)
+    again = random.Random(5)
+    drawn = [scenes.random_scene(again) for _ in range(8)]  # the same scenes
+    assert images.shape == (8, 3, 32, 32) and mask.shape == (8, 1, 32, 32)
+    for i, scene in enumerate(drawn):
+        x, y = int(scene.x), int(scene.y)
+        assert mask[i, 0, y, x] > 0.95  # the centre is inside every shape (Lanczos ringing)
+        assert mask[i, 0, 0, 0] == 0.0 and mask[i, 0, -1, -1] == 0.0  # corners: background
+        rgb = np.array(scenes.object_rgb(scene.colour, scene.saturation)) / 127.5 - 1.0
+        assert np.allclose(colour[i].numpy(), rgb, atol=1e-6)
+        assert np.allclose(images[i, :, y, x].numpy(), rgb, atol=0.05)
+    # The drawn scene itself: only the core's edge pixels (anti-aliased towards the
+    # background) keep its mean a little off the drawn colour.
+    assert vae_loss(images, images, mask, colour).item() < 1e-3
+    # A reconstruction that moves only the object's colour pays the L1 of the object's
+    # pixels at OBJECT_WEIGHT's share plus the squared colour error, far more than the
+    # same shift spread evenly over the image.
+    shift = torch.tensor([0.2, -0.2, 0.0]).view(1, 3, 1, 1)
+    on_object = vae_loss(images + shift * (mask > 0.9), images, mask, colour).item()
+    everywhere = vae_loss(images + shift * mask.mean((2, 3), keepdim=True), images, mask,
+                          colour).item()
+    assert on_object > 3 * everywhere
+
+
 def test_toy_profile_keeps_the_toy_worlds_image_size():
     """The download stage drops pairs with images under `min_image_side`: the toy profile
     must let the world's 32x32 images through (the 64 px default dropped all 232 pairs)."""

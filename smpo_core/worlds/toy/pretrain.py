@@ -4,7 +4,8 @@ freshly drawn scenes, so that its samples show the prompted shape and colour.
 
     python -m smpo_core.worlds.toy.pretrain OUT_DIR [--vae-steps N] [--unet-steps N] [--seed S]
 
-Two phases: the VAE learns to reconstruct scenes (MSE + a small KL term); then, with the VAE
+Two phases: the VAE learns to reconstruct scenes (an L1 loss that weighs the object's pixels as
+much as the background's, plus the error of the object's mean colour); then, with the VAE
 frozen, the UNet and the text encoder learn to denoise its latents (epsilon prediction,
 uniform timesteps, 10% empty captions for classifier-free guidance). Every batch is new
 scenes, so nothing is memorised. OUT_DIR gets the pipeline (fp16 safetensors: small enough
@@ -40,6 +41,15 @@ VAE_LR = 3e-3
 #: reconstructions, UNet training would be time spent on a blurred world.
 MIN_RECONSTRUCTED = 0.95
 RECHECK_STEPS = 250
+#: The object covers 5-45% of a scene: an unweighted loss is mostly background, and the VAE
+#: learnt it first while blurring the object's edges (its shape) and hue (its colour). The
+#: object's pixels together weigh this much against the whole image.
+OBJECT_WEIGHT = 1.0
+COLOUR_WEIGHT = 1.0  # the squared error of the object's mean colour, which the detector names
+#: The encoder's log-variance is fixed at diffusers' floor (-30: std 3e-7): a deterministic
+#: autoencoder in AutoencoderKL's format. Sampled latents with a small KL weight kept noise
+#: of std ~1 in the posterior, which the decoder learnt to blur over.
+LOGVAR_FLOOR = -30.0
 EMA_DECAY = 0.999  # the saved UNet and text encoder are averages: constant-lr weights jitter
 
 
@@ -64,6 +74,10 @@ def build_components(seed: int, width: int = 32) -> dict:
             # 2 groups, not 8: 8 groups of the first block's 8 channels would normalise each
             # channel alone and wash out absolute colour (measured: colour learnt slower).
             norm_num_groups=2)
+        latent = vae.config.latent_channels
+        with torch.no_grad():  # the log-variance half of quant_conv's output
+            vae.quant_conv.weight[latent:] = 0.0
+            vae.quant_conv.bias[latent:] = LOGVAR_FLOOR
         unet = UNet2DConditionModel(
             sample_size=scenes.IMAGE_SIZE // 4, in_channels=4, out_channels=4,
             layers_per_block=1, block_out_channels=(width, 2 * width),
@@ -81,6 +95,35 @@ def scene_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, list[str]]
     pixels = np.stack([np.asarray(scenes.draw(s), dtype=np.float32) for s in drawn])
     images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
     return images, [scenes.caption(s) for s in drawn]
+
+
+def vae_batch(rng: random.Random, size: int) -> tuple[torch.Tensor, torch.Tensor, torch.Tensor]:
+    """`size` fresh scenes for the VAE: images in [-1, 1] (N, 3, H, W); how much of each pixel
+    is object (N, 1, H, W), 0 on the background and 1 inside, from its distance to the known
+    background colour (the anti-aliased edge lies between); the object's colour in [-1, 1]
+    (N, 3)."""
+    drawn = [scenes.random_scene(rng) for _ in range(size)]
+    pixels = np.stack([np.asarray(scenes.draw(s), dtype=np.float32) for s in drawn])
+    background = np.array([scenes.BACKGROUNDS[s.background] for s in drawn], dtype=np.float32)
+    colour = np.array([scenes.object_rgb(s.colour, s.saturation) for s in drawn],
+                      dtype=np.float32)
+    full = np.linalg.norm(colour - background, axis=1)[:, None, None]
+    mask = np.linalg.norm(pixels - background[:, None, None, :], axis=3) / np.maximum(full, 1.0)
+    images = torch.from_numpy(pixels).permute(0, 3, 1, 2) / 127.5 - 1.0
+    return (images, torch.from_numpy(np.clip(mask, 0.0, 1.0))[:, None],
+            torch.from_numpy(colour) / 127.5 - 1.0)
+
+
+def vae_loss(recon: torch.Tensor, images: torch.Tensor, mask: torch.Tensor,
+             colour: torch.Tensor) -> torch.Tensor:
+    """L1 with the object's pixels weighted up to weigh OBJECT_WEIGHT of the image together,
+    plus COLOUR_WEIGHT x the squared error of the mean colour of the object's core."""
+    area = mask.mean(dim=(2, 3), keepdim=True).clamp_min(1e-3)
+    weights = (1.0 + OBJECT_WEIGHT * mask / area) / (1.0 + OBJECT_WEIGHT)
+    loss = (weights * (recon - images).abs()).mean()
+    core = (mask > 0.7).float()
+    mean = (recon * core).sum(dim=(2, 3)) / core.sum(dim=(2, 3)).clamp_min(1.0)
+    return loss + COLOUR_WEIGHT * F.mse_loss(mean, colour)
 
 
 def train_vae(vae, steps: int, batch: int, rng: random.Random,
@@ -101,10 +144,10 @@ def train_vae(vae, steps: int, batch: int, rng: random.Random,
         vae.train()
         for _ in range(steps if step == 0 else min(RECHECK_STEPS, steps)):
             step += 1
-            images, _ = scene_batch(rng, batch)
-            posterior = vae.encode(images).latent_dist
-            recon = vae.decode(posterior.sample()).sample
-            loss = F.mse_loss(recon, images) + 1e-6 * posterior.kl().mean()
+            images, mask, colour = vae_batch(rng, batch)
+            # The posterior's mean: its variance is fixed at the floor (LOGVAR_FLOOR).
+            recon = vae.decode(vae.encode(images).latent_dist.mode()).sample
+            loss = vae_loss(recon, images, mask, colour)
             optimiser.zero_grad()
             loss.backward()
             optimiser.step()
