@@ -34,7 +34,6 @@ def small_world(tmp_path_factory):
     return root, record, people, counts
 
 
-@pytest.mark.slow
 def test_pretraining_writes_a_loadable_pipeline_and_its_record(small_world):
     from diffusers import StableDiffusionPipeline
 
@@ -56,7 +55,6 @@ def test_pretraining_writes_a_loadable_pipeline_and_its_record(small_world):
     assert pipe.vae_scale_factor == 4
 
 
-@pytest.mark.slow
 def test_pairs_are_pickapic_rows_labelled_by_one_annotator(small_world):
     root, _, people, counts = small_world
     source = open_source(str(root / "pairs"), "train")  # the download stage's reader
@@ -69,7 +67,6 @@ def test_pairs_are_pickapic_rows_labelled_by_one_annotator(small_world):
     assert truth["ranking_id"].to_pylist() == table["ranking_id"].to_pylist()
 
 
-@pytest.mark.slow
 def test_reward_model_is_pickscore_format(small_world, tmp_path):
     root, _, people, _ = small_world
     accuracy = train_reward_model(tmp_path / "rm", people, root / "pairs", steps=2, batch=4,
