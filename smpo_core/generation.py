@@ -25,6 +25,7 @@ import torch
 from diffusers import AutoencoderKL, DDIMScheduler, DiffusionPipeline, UNet2DConditionModel
 from PIL import Image
 
+from smpo_core.building import one_at_a_time
 from smpo_core.errors import SmpoError, first_line
 from smpo_core.prompts import PromptSet
 from smpo_core.store import atomic_path, write_json
@@ -139,6 +140,7 @@ def _check_unet(spec: ModelSpec) -> None:
                         f"same base model (set model.base to it)")
 
 
+@one_at_a_time
 def _meta_modules(spec: ModelSpec, component: str) -> dict[str, torch.nn.Module]:
     """The named modules of one component of the base, built without weights. On the meta
     device by torch's thread-local device context, not accelerate's init_empty_weights: that
@@ -221,6 +223,7 @@ def check_model(spec: ModelSpec) -> None:
         _check_lora(spec)
 
 
+@one_at_a_time
 def build_pipeline(spec: ModelSpec, device: torch.device, dtype: torch.dtype) -> DiffusionPipeline:
     """The model as a diffusers pipeline (SD or SDXL, as its folder says) with a DDIM sampler:
     the base, its VAE replaced if asked, the tuned UNet swapped in or the LoRA loaded."""

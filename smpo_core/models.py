@@ -13,6 +13,7 @@ from diffusers import AutoencoderKL, DDIMScheduler, UNet2DConditionModel
 from PIL import Image
 from transformers import CLIPTextModel, CLIPTextModelWithProjection, CLIPTokenizer
 
+from smpo_core.building import one_at_a_time
 from smpo_core.errors import SmpoError, first_line
 from smpo_core.inversion import check_prediction_type, noise_from_prediction
 from smpo_core.refs import looks_local
@@ -99,6 +100,7 @@ def _check_model_ref(ref: str, what: str) -> None:
                         f"(model_index.json, unet/, vae/, text_encoder/, tokenizer/, scheduler/)")
 
 
+@one_at_a_time
 def load_unet(ref: str, dtype: torch.dtype = torch.float32,
               revision: str | None = None) -> UNet2DConditionModel:
     """A UNet from a diffusers UNet folder, a pipeline folder (its unet/), or a hub id of
@@ -137,6 +139,7 @@ def check_scheduler(scheduler: DDIMScheduler, ref: str) -> None:
                         ) from None
 
 
+@one_at_a_time
 def load_diffusion(
     ref: str, device: torch.device, dtype: torch.dtype, revision: str | None = None,
     vae: str | None = None, unet: str | None = None,
@@ -285,6 +288,7 @@ def noise_predictor(unet: UNet2DConditionModel, hidden: torch.Tensor,
 LORA_TARGETS = ("to_q", "to_k", "to_v", "to_out.0")  # the attention projections
 
 
+@one_at_a_time
 def add_lora(unet: UNet2DConditionModel, rank: int) -> int:
     """Freeze the UNet and attach rank-`rank` LoRA adapters; returns the trainable count.
 

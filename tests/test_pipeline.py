@@ -530,10 +530,13 @@ def test_a_run_ends_with_its_results_and_where_its_outputs_are(runs):
         overall = metric["groups"]["all"]
         paired = overall["vs_reference"]["tuned"]
         row = next(line for line in table if line.startswith(f"{kind} ")).split()
-        assert row[1:4] == [f"{overall['models']['base']['mean']:.4f}",
-                            f"{overall['models']['tuned']['mean']:.4f}",
-                            f"{paired['diff_mean']:+.4f}"]
-        assert row[4] == f"{paired['win_rate']:.3f}"
+        # metric, base, tuned, difference [low, high], win rate [low, high]
+        (diff_low, diff_high), (win_low, win_high) = paired["diff_ci"], paired["win_rate_ci"]
+        assert row[1:] == [f"{overall['models']['base']['mean']:.4f}",
+                           f"{overall['models']['tuned']['mean']:.4f}",
+                           f"{paired['diff_mean']:+.4f}", f"[{diff_low:+.4f},",
+                           f"{diff_high:+.4f}]", f"{paired['win_rate']:.3f}",
+                           f"[{win_low:.3f},", f"{win_high:.3f}]"]
     paths = {line.split(":", 1)[0]: line.split(":", 1)[1].split()[0]
              for line in out.splitlines()
              if line.startswith(("weights:", "report:", "image grid:"))}

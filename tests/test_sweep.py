@@ -218,3 +218,35 @@ def test_running_variants_each_hold_their_own_device(monkeypatch, tmp_path):
         first = list(pool.map(variant, range(2)))
         second = list(pool.map(variant, range(2)))  # the devices came back
     assert sorted(first) == sorted(second) == ["cuda:0", "cuda:1"]
+
+
+def test_variants_loading_models_in_threads_never_get_meta_or_uninitialised_weights(tmp_path):
+    """Sweep variants are threads of one process, and diffusers/transformers patch torch for
+    the whole process while they load (meta parameters, no-op init). Two threads loading a
+    UNet and attaching LoRA over and over must each get real weights with zero LoRA updates,
+    and leave the process able to build ordinary modules afterwards."""
+    import torch
+
+    from smpo_core.models import add_lora, load_unet
+    from smpo_core.worlds import builtins
+
+    base = builtins.resolve("builtin:tiny-sd", tmp_path)
+    problems: list[str] = []
+
+    def load_and_adapt():
+        for _ in range(10):
+            unet = load_unet(base)
+            add_lora(unet, rank=2)
+            for name, param in unet.named_parameters():
+                if param.is_meta:
+                    problems.append(f"{name} on meta")
+                elif "lora_B" in name and param.abs().max() != 0:
+                    problems.append(f"{name} not zero at the start")
+
+    threads = [threading.Thread(target=load_and_adapt) for _ in range(2)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert problems == []
+    assert not torch.nn.Linear(2, 2).weight.is_meta  # no loader's patch left behind

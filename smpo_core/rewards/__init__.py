@@ -16,6 +16,7 @@ from pathlib import Path
 
 import torch
 
+from smpo_core.building import one_at_a_time
 from smpo_core.errors import SmpoError, first_line
 from smpo_core.refs import looks_local
 from smpo_core.rewards.aesthetic import AESTHETIC_FORMAT, LaionAesthetic
@@ -54,6 +55,7 @@ def check_kinds(kinds: Iterable[str], setting: str) -> None:
                             f"{', '.join(REWARD_MODELS)}")
 
 
+@one_at_a_time
 def load_reward_model(
     kind: str, checkpoint: str, device: torch.device, processor: str | None = None,
     cache_dir: Path | None = None,

@@ -14,6 +14,7 @@ from __future__ import annotations
 from collections.abc import Callable
 from pathlib import Path
 
+from smpo_core.building import one_at_a_time
 from smpo_core.errors import SmpoError
 from smpo_core.store import Store, build_once
 from smpo_core.worlds import tiny
@@ -154,6 +155,7 @@ def is_builtin(ref: str | None) -> bool:
     return ref is not None and ref.startswith(PREFIX)
 
 
+@one_at_a_time
 def resolve(ref: str | None, store_root: Path) -> str | None:
     """A builtin reference becomes its path in the store (built if missing); others pass."""
     if not is_builtin(ref):
