@@ -103,9 +103,11 @@ def test_the_micro_batch_size_does_not_change_the_run(inputs, tmp_path):
     run_training(_job(inputs, tmp_path / "one", "train.max_steps=2"))
     run_training(_job(inputs, tmp_path / "four", "train.max_steps=2", "train.batch_size=2"))
     histories = [json.loads((tmp_path / run / HISTORY).read_text()) for run in ("one", "four")]
-    for a, b in zip(*histories, strict=True):
-        assert a["loss"] == pytest.approx(b["loss"], abs=1e-5)
-        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4)
+    # Step 1 starts from the same weights: only the summation order differs. Later steps start
+    # from weights that Adam moved by up to the learning rate where a gradient was ~0 (below).
+    for step, (a, b) in enumerate(zip(*histories, strict=True)):
+        assert a["loss"] == pytest.approx(b["loss"], abs=1e-6 if step == 0 else 1e-4)
+        assert a["grad_norm"] == pytest.approx(b["grad_norm"], rel=1e-4 if step == 0 else 1e-3)
         assert a["implicit_accuracy"] == b["implicit_accuracy"]
     # Adam divides by the gradient's size: where a gradient is ~0, float noise in it moves a
     # weight by up to the learning rate. On the whole the two runs are the same run.
