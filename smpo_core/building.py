@@ -7,7 +7,9 @@ functions into no-ops, and a `dtype` argument sets torch's default dtype. A mode
 another thread meanwhile gets meta or uninitialised weights, and two loads at once can
 restore each other's patch, leaving every later model in the process on the meta device
 ("Cannot copy out of meta tensor"). A sweep runs its variants as threads of one process, so
-everything in smpo_core that loads or builds modules holds this one lock while it does.
+everything in smpo_core that loads or builds modules holds this one lock while it does, and
+the random draws that decide a run (noise, caption drops) name float32 instead of relying on
+the default dtype, which a load in another thread can change for a moment.
 """
 
 from __future__ import annotations

@@ -249,7 +249,8 @@ def encode_images(
     """
     posterior = model.vae.encode(pixels.to(model.device, model.dtype)).latent_dist
     noise = torch.stack([
-        torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(seed))
+        torch.randn(posterior.mean.shape[1:], generator=torch.Generator().manual_seed(seed),
+                    dtype=torch.float32)
         for seed in seeds
     ]).to(posterior.mean.device, torch.float32)
     sample = posterior.mean.float() + posterior.std.float() * noise

@@ -155,7 +155,8 @@ class TrainingPlan:
             positions[chosen] = self._order(epoch)[offsets[chosen]]
         generator = _generator(self.seed, 1, step)
         t, k = self.timesteps(self.effective_batch, generator)
-        drop = torch.rand(self.effective_batch, generator=generator) < self.empty_caption_prob
+        drop = torch.rand(self.effective_batch, generator=generator,
+                          dtype=torch.float32) < self.empty_caption_prob
         noise_seed = torch.randint(2**62, (self.effective_batch,), generator=generator)
         return StepPlan(positions, t, k, drop, noise_seed, slots)
 
@@ -203,7 +204,8 @@ def place_on_trajectory(
     abar_t = alphas_cumprod[plan.t].view(-1, 1, 1, 1, 1).to(batch.z0.device)
     if trajectory == "forward":
         noise = torch.stack([
-            torch.randn(batch.z0.shape[2:], generator=torch.Generator().manual_seed(int(seed)))
+            torch.randn(batch.z0.shape[2:], generator=torch.Generator().manual_seed(int(seed)),
+                        dtype=torch.float32)
             for seed in plan.noise_seed]).to(batch.z0)
         noise = noise[:, None].expand_as(batch.z0)
         return forward_noise(batch.z0, noise, abar_t), noise

@@ -79,11 +79,21 @@ def finish(process: subprocess.Popen) -> subprocess.CompletedProcess:
                 _kill_session(process.pid)
                 out, err = process.communicate(timeout=60)
                 break
-    failure = failure or (f"left running: {left}" if (left := _alive_in_session(process.pid))
+    failure = failure or (f"left running: {left}" if (left := _still_alive(process.pid))
                           else None)
     _kill_session(process.pid)
     assert not failure, (" ".join(process.args[3:6]), failure, err[-3000:])
     return subprocess.CompletedProcess(process.args, process.returncode, out, err)
+
+
+def _still_alive(session: int, grace: float = 10.0) -> list[str]:
+    """What the session still runs after `grace` seconds: a child killed with its parent (the
+    temporary Prefect server, by its parent-death signal) takes the kernel a moment to tear
+    down, and meanwhile shows as a live process with an empty command line."""
+    deadline = time.monotonic() + grace
+    while (alive := _alive_in_session(session)) and time.monotonic() < deadline:
+        time.sleep(0.2)
+    return alive
 
 
 def _alive_in_session(session: int) -> list[str]:
