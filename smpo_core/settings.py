@@ -155,8 +155,9 @@ class ScoreSettings(Section):
 
 # The train settings that decide which pairs a run draws and at which levels (TrainingPlan).
 PLAN_SETTINGS = ("seed", "effective_batch", "max_steps", "timestep_sampling")
-# What else the reference's errors at those draws depend on (train.reference_errors=cached).
-REFERENCE_SETTINGS = ("reference_errors", "empty_caption_prob")
+# What else the reference's errors at those draws depend on (train.reference_errors=cached):
+# the captions dropped, and the autocast precision the reference runs in (as in a train step).
+REFERENCE_SETTINGS = ("reference_errors", "empty_caption_prob", "mixed_precision")
 
 
 class InvertSettings(Section):

@@ -219,3 +219,21 @@ def test_settings_no_stage_could_use_are_refused_up_front(override, message):
     train and failed in evaluate minutes later; beta=inf trained)."""
     with pytest.raises(SmpoError, match=message):
         load_settings("tiny", [override])
+
+
+def test_cached_reference_errors_key_the_cache_by_what_decides_them():
+    """With train.reference_errors=cached the invert stage computes the reference's errors at
+    the run's draws, in the run's precision: the cache's key moves with the draws (seed, batch,
+    steps, timestep sampling), the captions dropped and the precision, and not with what only
+    the policy's update reads (beta, learning rate) or with micro-batching."""
+    from stages.common import stage_key_for
+
+    cached = load_settings("tiny", ["train.reference_errors=cached"])
+    key = stage_key_for(cached, "invert", {})
+    moves = {"seed": 1, "effective_batch": 4, "max_steps": 7, "timestep_sampling": "level",
+             "empty_caption_prob": 0.5, "mixed_precision": "bf16"}
+    keeps = {"beta": 123.0, "learning_rate": 1e-3, "batch_size": 1}
+    for name, value in (moves | keeps).items():
+        changed = cached.model_copy(update={"train": cached.train.model_copy(
+            update={name: value})})
+        assert (stage_key_for(changed, "invert", {}) != key) == (name in moves), name
