@@ -159,19 +159,21 @@ def build_once(target: Path, marker: str, build: Callable[[Path], None]) -> Path
     """A folder built once (a tiny model, a converted checkpoint): `build` fills a private
     sibling folder that is then renamed into place (`atomic_dir`), so a crash never leaves a
     half-written folder that looks complete. A folder that already has `marker` is returned
-    as it is."""
+    as it is. Processes (and threads) building the same folder take turns on a file lock
+    beside it, and the later ones find it built: a second build renamed over a finished
+    folder would pull it from under a run already reading it."""
     target = Path(target)
     if (target / marker).exists():
         return target
-    if target.exists() and any(target.iterdir()):
-        raise FileExistsError(f"{target} is not empty but has no {marker}, so it is not a "
-                              "complete build: remove it or choose another folder")
-    try:
+    target.parent.mkdir(parents=True, exist_ok=True)
+    with FileLock(target.parent / f".{target.name}.lock"):  # released if its process dies
+        if (target / marker).exists():
+            return target
+        if target.exists() and any(target.iterdir()):
+            raise FileExistsError(f"{target} is not empty but has no {marker}, so it is not a "
+                                  "complete build: remove it or choose another folder")
         with atomic_dir(target) as tmp:
             build(tmp)
-    except OSError:
-        if not (target / marker).exists():  # else a concurrent builder finished first
-            raise
     return target
 
 

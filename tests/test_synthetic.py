@@ -229,6 +229,34 @@ def test_model_builder_refuses_a_foreign_non_empty_directory(tmp_path: Path) -> 
     assert [p.name for p in tmp_path.iterdir()] == ["notes.txt"]
 
 
+def test_a_folder_wanted_by_several_runs_at_once_is_built_once(tmp_path: Path) -> None:
+    """Runs started together on a fresh store all want builtin:tiny-pickapic: one builds it,
+    the others wait and read that build (a second build renamed over the first pulled its
+    files from under a run reading them: FileNotFoundError in CI)."""
+    import threading
+    import time
+
+    from smpo_core.store import build_once
+
+    target, builds = tmp_path / "builtin" / "data", []
+
+    def build(path: Path) -> None:
+        builds.append(path)
+        time.sleep(0.3)  # long enough for every other caller to arrive meanwhile
+        (path / "done").write_text("yes")
+
+    results: list[Path] = []
+    threads = [threading.Thread(target=lambda: results.append(build_once(target, "done", build)))
+               for _ in range(3)]
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    assert len(builds) == 1
+    assert results == [target] * 3 and (target / "done").read_text() == "yes"
+    assert sorted(p.name for p in target.parent.iterdir()) == [".data.lock", "data"]
+
+
 def test_tiny_clip_reward_loads_like_pickscore(tmp_path: Path) -> None:
     import torch
     from transformers import CLIPModel, CLIPProcessor
